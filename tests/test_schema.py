@@ -1,0 +1,44 @@
+import pytest
+
+from instructkit.data.schema import Conversation, DataError, Message, PreferencePair, validate_messages
+
+
+def msgs(*pairs):
+    return [Message(r, c) for r, c in pairs]
+
+
+def test_valid_multi_turn_with_system_and_tool():
+    validate_messages(msgs(("system", "s"), ("user", "u"), ("assistant", "a"), ("tool", "t"), ("assistant", "b")))
+
+
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        (msgs(("user", "u"), ("bot", "a")), "unknown role 'bot'"),
+        (msgs(("user", "u"), ("user", "v"), ("assistant", "a")), "roles out of order: 'user' after 'user'"),
+        (msgs(("assistant", "a"),), "'assistant' after 'start'"),
+        (msgs(("user", "u"), ("system", "s"), ("assistant", "a")), "system message may only be the first"),
+        (msgs(("user", "u"), ("assistant", "  ")), "empty assistant turn"),
+        (msgs(("user", "u"),), "has no assistant turn"),
+        ([], "has no messages"),
+    ],
+)
+def test_invalid_conversations_name_the_reason(messages, reason):
+    with pytest.raises(DataError, match=reason):
+        validate_messages(messages)
+
+
+def test_error_location_formats():
+    e = DataError("missing field 'output'").at("data.jsonl", line=7)
+    assert str(e) == "data.jsonl:7: missing field 'output'"
+    e = DataError("bad").at("data.json", record=3)
+    assert str(e) == "data.json record 3: bad"
+
+
+def test_round_trip_conversation_and_pair():
+    c = Conversation(msgs(("user", "u"), ("assistant", "a")), {"source": "x"})
+    assert Conversation.from_dict(c.to_dict()) == c
+    p = PreferencePair(msgs(("user", "q")), msgs(("assistant", "good")), msgs(("assistant", "bad")), margin=1.5)
+    assert PreferencePair.from_dict(p.to_dict()) == p
+    with pytest.raises(DataError, match="identical"):
+        PreferencePair.from_dict(PreferencePair(p.prompt, p.chosen, p.chosen).to_dict())
