@@ -1,0 +1,697 @@
+"""Source formats -> the internal schema (adapters at the edge).
+
+Each adapter takes ONE decoded record (whatever JSON value the file held) and returns a list of examples
+(``Conversation`` or ``PreferencePair``), or raises ``DataError`` naming what is wrong (missing field, wrong type,
+unknown role, roles out of order, empty assistant turn). Adapters never see a file: io.py adds the location
+(file, line or record) and the provenance meta ``{"source", "line"|"record", "format"}``.
+
+Formats (``FORMATS``; aliases in ``ALIASES``):
+
+=====================  ==============================================================================================
+alpaca                 ``instruction``, ``input``, ``output``; optional ``system``, ``history`` [[user, assistant], ...]
+dolly                  ``instruction``, ``context``, ``response``, ``category``
+sharegpt               ``conversations: [{from, value}]``; optional top-level ``system``
+messages               OpenAI / internal ``messages: [{role, content}]`` (+ ``meta``)
+oasst                  oasst1 flat messages (``message_id``, ``parent_id``, ``role``, ``text``, ``rank``): a whole
+                       file is grouped into trees by ``oasst_conversations`` (one record alone is not an example)
+ultrachat              ``data: [user, assistant, user, ...]``, optional ``id``
+prompt_completion      ``prompt``, ``completion`` (strings or message lists)
+prompt_only            ``prompt`` alone (evaluation prompts such as IFEval): a conversation ending with a user turn
+flan                   ``inputs``, ``targets``
+self_instruct          seed tasks: ``instruction``, ``instances: [{input, output}]``, ``is_classification``
+preference             ``prompt``, ``chosen``, ``rejected`` as strings or message lists (full conversations that
+                       repeat the prompt are stripped of it; with no ``prompt`` the shared prefix is the prompt);
+                       also the internal preference JSONL
+sharegpt_preference    LLaMA-Factory DPO: ``conversations`` + ``chosen``/``rejected`` ``{from, value}`` objects
+hh_rlhf                Anthropic HH-RLHF: ``chosen``/``rejected`` transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..."
+=====================  ==============================================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from instructkit.data.schema import (
+    Conversation,
+    DataError,
+    Example,
+    Message,
+    PreferencePair,
+    validate_conversation,
+    validate_messages,
+    validate_pair,
+)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small typed accessors: every wrong shape becomes a DataError that names the field.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _typename(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _require_object(record: Any, fmt: str) -> dict:
+    if not isinstance(record, dict):
+        raise DataError(f"a {fmt} record must be a JSON object, got {_typename(record)}")
+    return record
+
+
+def _get_str(record: dict, key: str, *, required: bool = True, default: str = "") -> str:
+    if key not in record or record[key] is None:
+        if required:
+            raise DataError(f"missing field '{key}'")
+        return default
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"field '{key}' must be a string, got {_typename(value)}")
+    return value
+
+
+def _get_list(record: dict, key: str, *, required: bool = True) -> list:
+    if key not in record or record[key] is None:
+        if required:
+            raise DataError(f"missing field '{key}'")
+        return []
+    value = record[key]
+    if not isinstance(value, list):
+        raise DataError(f"field '{key}' must be a list, got {_typename(value)}")
+    return value
+
+
+def _join(*parts: str) -> str:
+    """Instruction and its input as one user turn, separated by a blank line (empty parts dropped)."""
+    return "\n\n".join(p for p in parts if p.strip())
+
+
+def _scalar_meta(record: dict, keys: Iterable[str]) -> dict[str, Any]:
+    """Copy the JSON-scalar provenance fields that exist (ids, categories) into meta."""
+    out = {}
+    for k in keys:
+        v = record.get(k)
+        if v is None or isinstance(v, (str, int, float, bool)):
+            if k in record:
+                out[k] = v
+    return out
+
+
+def _conversation(messages: list[Message], meta: dict[str, Any] | None = None, *, final: str = "assistant"):
+    conv = Conversation(messages, dict(meta or {}))
+    validate_conversation(conv, final=final)
+    return conv
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Roles
+# ---------------------------------------------------------------------------------------------------------------------
+
+# ShareGPT speaker tags (and LLaMA-Factory's tool tags): a function call is the assistant's turn, an observation is
+# the tool's answer.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function_call": "assistant",
+    "observation": "tool",
+    "function": "tool",
+}
+
+# OpenAI roles that have an internal equivalent; anything else is passed through and rejected by validation.
+OPENAI_ROLES = {"developer": "system", "function": "tool"}
+
+
+def _content_text(content: Any, what: str) -> str:
+    """OpenAI content: a string, null, or a list of parts ``[{"type": "text", "text": ...}]`` (text parts joined)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+                continue
+            if not isinstance(part, dict):
+                raise DataError(f"{what}.content[{j}] must be a text part object, got {_typename(part)}")
+            kind = part.get("type", "text")
+            if kind != "text":
+                raise DataError(f"{what}.content[{j}] has type {_short(kind)}; only text parts are supported")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise DataError(f"{what}.content[{j}].text must be a string, got {_typename(text)}")
+            texts.append(text)
+        return "".join(texts)
+    raise DataError(f"{what}.content must be a string, got {_typename(content)}")
+
+
+def _openai_messages(value: Any, what: str) -> list[Message]:
+    if not isinstance(value, list):
+        raise DataError(f"'{what}' must be a list of {{role, content}} objects, got {_typename(value)}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{what}[{i}] must be an object, got {_typename(m)}")
+        if "role" not in m:
+            raise DataError(f"{what}[{i}] has no 'role'")
+        role = m["role"]
+        if not isinstance(role, str):
+            raise DataError(f"{what}[{i}].role must be a string, got {_typename(role)}")
+        if "content" not in m and not m.get("tool_calls"):
+            raise DataError(f"{what}[{i}] has no 'content'")
+        content = _content_text(m.get("content"), f"{what}[{i}]")
+        if not content and m.get("tool_calls") is not None:
+            # An assistant turn that only calls tools: keep the call, as JSON text, so the turn is not empty.
+            import json
+
+            try:
+                content = json.dumps(m["tool_calls"], ensure_ascii=False, sort_keys=True)
+            except (TypeError, ValueError, RecursionError):
+                raise DataError(f"{what}[{i}].tool_calls cannot be written as JSON") from None
+        out.append(Message(OPENAI_ROLES.get(role, role), content))
+    return out
+
+
+def _sharegpt_messages(value: Any, what: str) -> list[Message]:
+    if not isinstance(value, list):
+        raise DataError(f"'{what}' must be a list of {{from, value}} objects, got {_typename(value)}")
+    return [_sharegpt_message(m, f"{what}[{i}]") for i, m in enumerate(value)]
+
+
+def _sharegpt_message(m: Any, what: str) -> Message:
+    if not isinstance(m, dict):
+        raise DataError(f"{what} must be an object, got {_typename(m)}")
+    # ShareGPT uses from/value; some exports use role/content in the same place.
+    speaker_key = "from" if "from" in m else "role" if "role" in m else None
+    text_key = "value" if "value" in m else "content" if "content" in m else None
+    if speaker_key is None:
+        raise DataError(f"{what} has no 'from'")
+    if text_key is None:
+        raise DataError(f"{what} has no 'value'")
+    speaker, text = m[speaker_key], m[text_key]
+    if not isinstance(speaker, str):
+        raise DataError(f"{what}.{speaker_key} must be a string, got {_typename(speaker)}")
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise DataError(f"{what}.{text_key} must be a string, got {_typename(text)}")
+    role = SHAREGPT_ROLES.get(speaker.lower())
+    if role is None:
+        raise DataError(f"{what}: unknown role {_short(speaker)} (expected one of {', '.join(SHAREGPT_ROLES)})")
+    return Message(role, text)
+
+
+def _with_system(record: dict, messages: list[Message]) -> list[Message]:
+    system = _get_str(record, "system", required=False)
+    if system.strip() and not (messages and messages[0].role == "system"):
+        return [Message("system", system)] + messages
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SFT adapters
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def from_alpaca(record: Any) -> list[Example]:
+    r = _require_object(record, "alpaca")
+    instruction = _get_str(r, "instruction")
+    inp = _get_str(r, "input", required=False)
+    output = _get_str(r, "output")
+    messages: list[Message] = []
+    for i, turn in enumerate(_get_list(r, "history", required=False)):
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise DataError(f"history[{i}] must be a [user, assistant] pair of strings, got {_short(turn)}")
+        messages += [Message("user", turn[0]), Message("assistant", turn[1])]
+    messages.append(Message("user", _join(instruction, inp)))
+    messages.append(Message("assistant", output))
+    return [_conversation(_with_system(r, messages), _scalar_meta(r, ("id",)))]
+
+
+def from_dolly(record: Any) -> list[Example]:
+    r = _require_object(record, "dolly")
+    instruction = _get_str(r, "instruction")
+    context = _get_str(r, "context", required=False)
+    response = _get_str(r, "response")
+    messages = [Message("user", _join(instruction, context)), Message("assistant", response)]
+    return [_conversation(messages, _scalar_meta(r, ("category", "id")))]
+
+
+def from_sharegpt(record: Any) -> list[Example]:
+    r = _require_object(record, "sharegpt")
+    if "conversations" not in r:
+        raise DataError("missing field 'conversations'")
+    messages = _with_system(r, _sharegpt_messages(r["conversations"], "conversations"))
+    return [_conversation(messages, _scalar_meta(r, ("id",)))]
+
+
+def from_messages(record: Any) -> list[Example]:
+    r = _require_object(record, "messages")
+    if "messages" not in r:
+        raise DataError("missing field 'messages'")
+    messages = _openai_messages(r["messages"], "messages")
+    meta = r.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise DataError(f"field 'meta' must be an object, got {_typename(meta)}")
+    out_meta = dict(meta or {})
+    out_meta.update(_scalar_meta(r, ("id",)))
+    return [_conversation(messages, out_meta)]
+
+
+def from_ultrachat(record: Any) -> list[Example]:
+    r = _require_object(record, "ultrachat")
+    turns = _get_list(r, "data")
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, str):
+            raise DataError(f"data[{i}] must be a string, got {_typename(t)}")
+        messages.append(Message("user" if i % 2 == 0 else "assistant", t))
+    return [_conversation(messages, _scalar_meta(r, ("id",)))]
+
+
+def _text_or_messages(value: Any, what: str, role: str) -> list[Message]:
+    if isinstance(value, str):
+        return [Message(role, value)]
+    if isinstance(value, dict):
+        return _openai_messages([value], what)
+    if isinstance(value, list):
+        return _openai_messages(value, what)
+    raise DataError(f"field '{what}' must be a string or a list of messages, got {_typename(value)}")
+
+
+def from_prompt_completion(record: Any) -> list[Example]:
+    r = _require_object(record, "prompt_completion")
+    for key in ("prompt", "completion"):
+        if key not in r:
+            raise DataError(f"missing field '{key}'")
+    prompt = _text_or_messages(r["prompt"], "prompt", "user")
+    completion = _text_or_messages(r["completion"], "completion", "assistant")
+    return [_conversation(prompt + completion, _scalar_meta(r, ("id",)))]
+
+
+def from_prompt_only(record: Any) -> list[Example]:
+    """An evaluation prompt: the conversation ends with the user turn; the other scalar/list fields go to meta."""
+    r = _require_object(record, "prompt_only")
+    if "prompt" not in r:
+        raise DataError("missing field 'prompt'")
+    prompt = _text_or_messages(r["prompt"], "prompt", "user")
+    meta = {k: v for k, v in r.items() if k not in ("prompt", "meta", "source", "line", "record", "format")}
+    return [_conversation(prompt, meta, final="user")]
+
+
+def from_flan(record: Any) -> list[Example]:
+    r = _require_object(record, "flan")
+    inputs = _get_str(r, "inputs")
+    targets = _get_str(r, "targets")
+    meta = _scalar_meta(r, ("task", "task_name", "_task_name", "template_type", "_template_type", "template_idx"))
+    return [_conversation([Message("user", inputs), Message("assistant", targets)], meta)]
+
+
+def from_self_instruct(record: Any) -> list[Example]:
+    """A Self-Instruct seed task: one conversation per instance; meta keeps id, name, is_classification."""
+    r = _require_object(record, "self_instruct")
+    instruction = _get_str(r, "instruction")
+    instances = _get_list(r, "instances")
+    if not instances:
+        raise DataError("field 'instances' is empty")
+    is_cls = r.get("is_classification", False)
+    if not isinstance(is_cls, bool):
+        raise DataError(f"field 'is_classification' must be a boolean, got {_typename(is_cls)}")
+    base_meta = _scalar_meta(r, ("id", "name"))
+    base_meta["is_classification"] = is_cls
+    out: list[Example] = []
+    for i, inst in enumerate(instances):
+        if not isinstance(inst, dict):
+            raise DataError(f"instances[{i}] must be an object, got {_typename(inst)}")
+        try:
+            inp = _get_str(inst, "input", required=False)
+            output = _get_str(inst, "output")
+        except DataError as e:
+            raise DataError(f"instances[{i}]: {e.reason}") from None
+        meta = dict(base_meta, instance=i)
+        try:
+            out.append(_conversation([Message("user", _join(instruction, inp)), Message("assistant", output)], meta))
+        except DataError as e:
+            raise DataError(f"instances[{i}]: {e.reason}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preference adapters
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def split_shared_prefix(chosen: list[Message], rejected: list[Message]) -> tuple[list[Message], list, list]:
+    """Two full conversations -> (prompt, chosen continuation, rejected continuation).
+
+    The prompt is the longest common prefix of turns, cut back so that it ends with a user (or tool) turn: the two
+    sides then each start with the assistant's reply. Identical conversations give identical continuations, which
+    ``validate_pair`` rejects.
+    """
+    k = 0
+    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+        k += 1
+    while k > 0 and chosen[k - 1].role not in ("user", "tool"):
+        k -= 1
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def _margin(r: dict) -> float | None:
+    m = r.get("margin")
+    if m is None:
+        return None
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or m != m or m in (float("inf"), float("-inf")):
+        raise DataError(f"field 'margin' must be a finite number, got {_short(m)}")
+    return float(m)
+
+
+def _pair(prompt, chosen, rejected, meta, margin=None) -> PreferencePair:
+    pair = PreferencePair(prompt, chosen, rejected, dict(meta), margin)
+    validate_pair(pair)
+    return pair
+
+
+def from_preference(record: Any) -> list[Example]:
+    r = _require_object(record, "preference")
+    for key in ("chosen", "rejected"):
+        if key not in r:
+            raise DataError(f"missing field '{key}'")
+    chosen = _text_or_messages(r["chosen"], "chosen", "assistant")
+    rejected = _text_or_messages(r["rejected"], "rejected", "assistant")
+    prompt = _text_or_messages(r["prompt"], "prompt", "user") if r.get("prompt") is not None else []
+    prompt = _with_system(r, prompt) if prompt else prompt
+    if not prompt:
+        # Implicit prompt: chosen and rejected are full conversations; what they share is the prompt.
+        prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
+    else:
+        n = len(prompt)
+        body = [m for m in prompt if m.role != "system"]
+        for side_name in ("chosen", "rejected"):
+            side = chosen if side_name == "chosen" else rejected
+            # Full conversations that repeat the prompt (with or without its system turn): strip it.
+            if len(side) > n and side[:n] == prompt:
+                side = side[n:]
+            elif body and len(side) > len(body) and side[: len(body)] == body:
+                side = side[len(body) :]
+            if side_name == "chosen":
+                chosen = side
+            else:
+                rejected = side
+    meta = r.get("meta") if isinstance(r.get("meta"), dict) else {}
+    meta = dict(meta, **_scalar_meta(r, ("id",)))
+    return [_pair(prompt, chosen, rejected, meta, _margin(r))]
+
+
+def from_sharegpt_preference(record: Any) -> list[Example]:
+    r = _require_object(record, "sharegpt_preference")
+    if "conversations" not in r:
+        raise DataError("missing field 'conversations'")
+    prompt = _with_system(r, _sharegpt_messages(r["conversations"], "conversations"))
+    sides = []
+    for key in ("chosen", "rejected"):
+        if key not in r:
+            raise DataError(f"missing field '{key}'")
+        v = r[key]
+        if isinstance(v, dict):
+            sides.append([_sharegpt_message(v, key)])
+        elif isinstance(v, list):
+            sides.append(_sharegpt_messages(v, key))
+        else:
+            raise DataError(f"field '{key}' must be a {{from, value}} object, got {_typename(v)}")
+    return [_pair(prompt, sides[0], sides[1], _scalar_meta(r, ("id",)), _margin(r))]
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_hh_transcript(text: str, what: str) -> list[Message]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [user a, assistant b].
+
+    Only '\\n\\nHuman:' / '\\n\\nAssistant:' start a turn (a 'Human:' inside a line is text); contents are stripped
+    of surrounding whitespace."""
+    parts = HH_TURN.split(text)
+    if parts[0].strip():
+        raise DataError(f"'{what}' has text before the first '\\n\\nHuman:' turn: {_short(parts[0])}")
+    if len(parts) < 3:
+        raise DataError(f"'{what}' has no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+    return [Message(HH_ROLES[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+
+
+def from_hh_rlhf(record: Any) -> list[Example]:
+    """HH-RLHF: both sides are whole transcripts; their shared turns are the prompt, the rest are the answers."""
+    r = _require_object(record, "hh_rlhf")
+    chosen_text = _get_str(r, "chosen")
+    rejected_text = _get_str(r, "rejected")
+    chosen = parse_hh_transcript(chosen_text, "chosen")
+    rejected = parse_hh_transcript(rejected_text, "rejected")
+    # Name the side that is broken before comparing them (a clearer error than one on the pair).
+    validate_messages(chosen, what="chosen")
+    validate_messages(rejected, what="rejected")
+    prompt, c, rj = split_shared_prefix(chosen, rejected)
+    return [_pair(prompt, c, rj, {})]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# oasst: a file of messages is a forest; conversations are root-to-leaf paths.
+# ---------------------------------------------------------------------------------------------------------------------
+
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+@dataclass
+class OasstMessage:
+    message_id: str
+    parent_id: str | None
+    role: str  # internal role: user | assistant
+    text: str
+    rank: int | None
+    tree_id: str | None
+    order: int  # position in the file: ties between equally ranked siblings go to the first one
+
+
+def parse_oasst_message(record: Any, order: int = 0) -> OasstMessage:
+    r = _require_object(record, "oasst")
+    message_id = r.get("message_id")
+    if not isinstance(message_id, str) or not message_id:
+        raise DataError(f"field 'message_id' must be a non-empty string, got {_short(message_id)}")
+    if "parent_id" not in r:
+        raise DataError("missing field 'parent_id'")
+    parent_id = r["parent_id"]
+    if parent_id is not None and not isinstance(parent_id, str):
+        raise DataError(f"field 'parent_id' must be a string or null, got {_typename(parent_id)}")
+    role_raw = _get_str(r, "role")
+    role = OASST_ROLES.get(role_raw)
+    if role is None:
+        raise DataError(f"unknown role {_short(role_raw)} (expected prompter or assistant)")
+    text = _get_str(r, "text")
+    rank = r.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank != rank):
+        raise DataError(f"field 'rank' must be a number or null, got {_short(rank)}")
+    if parent_id is None and role != "user":
+        raise DataError("roles out of order: a tree's root message must be from the prompter")
+    if role == "assistant" and not text.strip():
+        raise DataError("empty assistant turn")
+    tree = r.get("message_tree_id")
+    return OasstMessage(message_id, parent_id, role, text, rank, tree if isinstance(tree, str) else None, order)
+
+
+def oasst_conversations(
+    messages: list[OasstMessage], *, all_paths: bool = False
+) -> tuple[list[tuple[OasstMessage, Conversation]], dict[int, str]]:
+    """Group parsed oasst messages into trees and read conversations off them.
+
+    Returns ``(conversations, rejected)``: each conversation with the message that ends it (its location is the
+    conversation's location), and ``rejected = {message.order: reason}`` for messages that cannot sit in a valid tree
+    (duplicate id, missing parent, same role as the parent) together with everything below them.
+
+    Default: the best-ranked path of each tree (at each level the child with the lowest rank, None counting as 0,
+    ties to the first in the file). ``all_paths=True``: every root-to-leaf path. A path that ends with a prompter turn
+    is cut back to its last assistant turn; a path with no assistant turn gives nothing.
+    """
+    by_id: dict[str, OasstMessage] = {}
+    rejected: dict[int, str] = {}
+    for m in messages:
+        if m.message_id in by_id:
+            rejected[m.order] = f"duplicate message_id {_short(m.message_id)}"
+            continue
+        by_id[m.message_id] = m
+    children: dict[str | None, list[OasstMessage]] = {}
+    for m in by_id.values():
+        children.setdefault(m.parent_id, []).append(m)
+
+    # Walk from the roots; anything not reached hangs off a missing parent (or is part of a cycle).
+    valid: set[str] = set()
+    stack = list(children.get(None, []))
+    while stack:
+        m = stack.pop()
+        valid.add(m.message_id)
+        for c in children.get(m.message_id, []):
+            if c.role == m.role:
+                bad_subtree(c, children, rejected, f"roles out of order: '{c.role}' reply to a '{m.role}' message")
+            else:
+                stack.append(c)
+    for m in by_id.values():
+        if m.message_id not in valid and m.order not in rejected:
+            reason = (
+                f"parent {_short(m.parent_id)} not found"
+                if m.parent_id not in by_id
+                else "an ancestor message was rejected or the parent chain has a cycle"
+            )
+            rejected[m.order] = reason
+
+    def kids(m: OasstMessage) -> list[OasstMessage]:
+        return [c for c in children.get(m.message_id, []) if c.message_id in valid]
+
+    def rank_key(m: OasstMessage):
+        return (m.rank if m.rank is not None else 0, m.order)
+
+    ends: list[list[OasstMessage]] = []
+    roots = sorted((m for m in children.get(None, []) if m.message_id in valid), key=lambda m: m.order)
+    for root in roots:
+        if all_paths:
+            stack2 = [[root]]
+            while stack2:
+                path = stack2.pop()
+                ks = sorted(kids(path[-1]), key=lambda m: m.order, reverse=True)
+                if not ks:
+                    ends.append(path)
+                for k in ks:
+                    stack2.append(path + [k])
+        else:
+            path = [root]
+            while ks := kids(path[-1]):
+                path.append(min(ks, key=rank_key))
+            ends.append(path)
+
+    out: list[tuple[OasstMessage, Conversation]] = []
+    seen_ends: set[str] = set()
+    for path in ends:
+        while path and path[-1].role != "assistant":
+            path = path[:-1]
+        if not path or path[-1].message_id in seen_ends:
+            continue
+        seen_ends.add(path[-1].message_id)
+        tree_id = path[0].tree_id or path[0].message_id
+        conv = Conversation([Message(m.role, m.text) for m in path], {"message_tree_id": tree_id})
+        validate_conversation(conv)  # alternation holds by construction; this guards the invariant
+        out.append((path[-1], conv))
+    return out, rejected
+
+
+def bad_subtree(m: OasstMessage, children: dict, rejected: dict[int, str], reason: str) -> None:
+    rejected[m.order] = reason
+    for c in children.get(m.message_id, []):
+        bad_subtree(c, children, rejected, f"an ancestor message ({_short(m.message_id)}) was rejected")
+
+
+def from_oasst(record: Any) -> list[Example]:
+    """One oasst message alone is not an example: read oasst files with io.read_examples (which builds the trees)."""
+    parse_oasst_message(record)
+    raise DataError("oasst records must be read as a whole file (io.read_examples groups them into trees)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registry and detection
+# ---------------------------------------------------------------------------------------------------------------------
+
+Adapter = Callable[[Any], list[Example]]
+
+FORMATS: dict[str, Adapter] = {
+    "alpaca": from_alpaca,
+    "dolly": from_dolly,
+    "sharegpt": from_sharegpt,
+    "messages": from_messages,
+    "oasst": from_oasst,
+    "ultrachat": from_ultrachat,
+    "prompt_completion": from_prompt_completion,
+    "prompt_only": from_prompt_only,
+    "flan": from_flan,
+    "self_instruct": from_self_instruct,
+    "preference": from_preference,
+    "sharegpt_preference": from_sharegpt_preference,
+    "hh_rlhf": from_hh_rlhf,
+}
+
+PREFERENCE_FORMATS = frozenset({"preference", "sharegpt_preference", "hh_rlhf"})
+
+ALIASES = {
+    "openai": "messages",
+    "internal": "messages",
+    "chatml": "messages",
+    "internal_preference": "preference",
+    "dpo": "preference",
+    "sharegpt_dpo": "sharegpt_preference",
+    "llama_factory_dpo": "sharegpt_preference",
+    "hh": "hh_rlhf",
+    "anthropic_hh": "hh_rlhf",
+    "oasst1": "oasst",
+    "self_instruct_seed": "self_instruct",
+    "seed_tasks": "self_instruct",
+    "prompts": "prompt_only",
+}
+
+
+def canonical_format(name: str) -> str:
+    """A format name or alias -> its canonical name ("auto" stays "auto"); unknown names are a DataError."""
+    key = name.strip().lower().replace("-", "_")
+    if key == "auto" or key in FORMATS:
+        return key
+    if key in ALIASES:
+        return ALIASES[key]
+    raise DataError(f"unknown format '{name}' (known: auto, {', '.join(FORMATS)})")
+
+
+def detect_format(record: Any) -> str:
+    """The format of one record, from its keys (and, for HH-RLHF, the transcript markers)."""
+    if not isinstance(record, dict):
+        raise DataError(f"cannot detect the format of a {_typename(record)} record: expected a JSON object")
+    keys = set(record)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt_preference" if {"chosen", "rejected"} <= keys else "sharegpt"
+    if {"chosen", "rejected"} <= keys:
+        chosen = record["chosen"]
+        if "prompt" not in keys and isinstance(chosen, str) and HH_TURN.search(chosen):
+            return "hh_rlhf"
+        return "preference"
+    if {"message_id", "parent_id"} <= keys:
+        return "oasst"
+    if {"instruction", "instances"} <= keys:
+        return "self_instruct"
+    if "data" in keys and isinstance(record["data"], list):
+        return "ultrachat"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"instruction", "response"} <= keys:
+        return "dolly"
+    if {"inputs", "targets"} <= keys:
+        return "flan"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "prompt" in keys:
+        return "prompt_only"
+    shown = ", ".join(_short(k, 30) for k in sorted(keys, key=str)[:12])
+    raise DataError(f"cannot detect the format from the keys [{shown}]; pass format= one of {', '.join(FORMATS)}")
+
+
+def convert_record(record: Any, fmt: str) -> list[Example]:
+    """One record in format ``fmt`` (canonical name, not "auto") -> examples; raises only DataError."""
+    try:
+        adapter = FORMATS[fmt]
+    except KeyError:
+        raise DataError(f"unknown format '{fmt}'") from None
+    return adapter(record)
