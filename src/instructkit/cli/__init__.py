@@ -18,6 +18,7 @@ from instructkit import __version__
 # One module per command group, in the order `--help` lists them.
 COMMAND_MODULES = (
     "data",
+    "template",
 )
 
 
