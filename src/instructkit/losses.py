@@ -4,3 +4,205 @@ Each returns ``(loss, metrics)`` where ``metrics`` is a dict of detached scalars
 """
 
 from __future__ import annotations
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preference and RL losses (reward model, DPO/cDPO/IPO, PPO). Shapes: B = batch, T = tokens, K = responses per prompt.
+# ---------------------------------------------------------------------------------------------------------------------
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (all tokens of the batch pooled: a token-level mean).
+
+    A fully masked input gives 0 (not NaN), so it contributes zero gradient instead of poisoning the step.
+    """
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def pairwise_reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                         margin: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry pairwise loss for a reward model.
+
+        loss = mean_b  -log sigmoid(r_c[b] - r_r[b] - m[b])
+
+    (Christiano et al. 2017; Stiennon et al. 2020; Ouyang et al. 2022 "InstructGPT" eq. 1; the margin m is Llama 2's
+    (Touvron et al. 2023, eq. 2), 0 when absent.) Shapes: chosen_rewards, rejected_rewards, margin: (B,).
+    Metrics: accuracy (fraction with r_c > r_r; ties count as wrong), mean margin r_c - r_r.
+    """
+    diff = chosen_rewards - rejected_rewards  # (B,)
+    shifted = diff if margin is None else diff - torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
+    loss = -F.logsigmoid(shifted).mean()
+    metrics = {
+        "accuracy": (diff > 0).to(diff.dtype).mean().detach(),
+        "reward_margin": diff.mean().detach(),
+        "chosen_reward": chosen_rewards.mean().detach(),
+        "rejected_reward": rejected_rewards.mean().detach(),
+    }
+    return loss, metrics
+
+
+def ranking_pairs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All K-choose-2 (better, worse) index pairs for a ranking whose index order is best first."""
+    better, worse = torch.triu_indices(k, k, offset=1)
+    return better, worse
+
+
+def kwise_reward_loss(rewards: torch.Tensor, valid: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """InstructGPT's K-wise ranking loss: every one of the K-choose-2 pairs of a prompt's ranked responses in one batch.
+
+        loss = -1 / sum_p C(K_p, 2) * sum_p sum_{i<j} log sigmoid(r[p, i] - r[p, j])
+
+    (Ouyang et al. 2022, eq. 1: each prompt's pairs are one batch element, so a prompt is not over-counted across
+    epochs.) Shapes: rewards (P, K), index order = rank (0 best); valid (P, K) bool marks present responses when
+    prompts have fewer than K (absent ones are ignored). The loss is the mean over all valid pairs of the batch.
+    """
+    p, k = rewards.shape
+    better, worse = ranking_pairs(k)  # (C,), (C,)
+    diff = rewards[:, better] - rewards[:, worse]  # (P, C)
+    pair_ok = torch.ones_like(diff, dtype=torch.bool) if valid is None else (valid[:, better] & valid[:, worse])
+    w = pair_ok.to(diff.dtype)
+    n = w.sum().clamp(min=1.0)
+    loss = -(F.logsigmoid(diff) * w).sum() / n
+    metrics = {
+        "accuracy": (((diff > 0).to(diff.dtype)) * w).sum().detach() / n,
+        "reward_margin": (diff * w).sum().detach() / n,
+        "pairs": w.sum().detach(),
+    }
+    return loss, metrics
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct Preference Optimization and two variants, from summed (or, for IPO, mean) response log-probs.
+
+        h = (log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))
+        sigmoid (DPO, Rafailov et al. 2023, eq. 7):   loss = -log sigmoid(beta * h)
+        cDPO (Mitchell 2023, label smoothing eps):    loss = -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+        ipo (Azar et al. 2023, eq. 17):               loss = (h - 1 / (2 beta))^2
+
+    Shapes: all four inputs (B,). Implicit rewards are beta * (log pi - log ref) for chosen and rejected.
+    When the policy equals the reference h = 0, so the sigmoid loss is log 2 and the IPO loss 1/(4 beta^2).
+    Metrics: implicit chosen/rejected rewards, their margin and accuracy (chosen reward > rejected reward).
+    """
+    chosen_logratio = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratio = policy_rejected_logps - ref_rejected_logps  # (B,)
+    h = chosen_logratio - rejected_logratio  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+    chosen_rewards = (beta * chosen_logratio).detach()
+    rejected_rewards = (beta * rejected_logratio).detach()
+    metrics = {
+        "rewards_chosen": chosen_rewards.mean(),
+        "rewards_rejected": rejected_rewards.mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).to(h.dtype).mean(),
+        "logps_chosen": policy_chosen_logps.detach().mean(),
+        "logps_rejected": policy_rejected_logps.detach().mean(),
+    }
+    return losses.mean(), metrics
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip_eps: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise, per token.
+
+        ratio = exp(logp - logp_old)
+        loss  = masked_mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )
+
+    Shapes: logprobs, old_logprobs, advantages, mask: (B, T) over response tokens; mask is 1 on real response tokens.
+    Metrics: clip fraction (tokens where the clipped branch is active), approx_kl = masked_mean(0.5 (logp - logp_old)^2)
+    (Schulman's k2; TRL/OpenAI's summarize-from-feedback log this), and the mean ratio.
+    """
+    log_ratio = (logprobs - old_logprobs) * mask  # (B, T); masked so padding cannot overflow exp
+    ratio = torch.exp(log_ratio)  # (B, T)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, metrics
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip_eps: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss (Schulman et al. 2017 baselines; Ziegler et al. 2019; the TRL/OpenAI PPO implementations).
+
+        v_clip = old_v + clip(v - old_v, -eps, eps)
+        loss   = 0.5 * masked_mean( max((v - R)^2, (v_clip - R)^2) )
+
+    Shapes: values, old_values, returns, mask: (B, T). Metrics: value clip fraction, explained variance
+    1 - Var(R - old_v) / Var(R) over masked tokens (of the rollout's values: how well the critic predicted).
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    l_unclipped = (values - returns) ** 2
+    l_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(l_unclipped, l_clipped), mask)
+    with torch.no_grad():
+        var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+        resid = returns - old_values
+        var_resid = masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
+        explained = 1.0 - var_resid / var_r if var_r > 0 else torch.zeros((), dtype=values.dtype)
+        metrics = {
+            "value_clipfrac": masked_mean((l_clipped > l_unclipped).to(values.dtype), mask),
+            "explained_variance": explained,
+        }
+    return loss, metrics
+
+
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-level mean entropy of the policy, H = -sum_v p_v log p_v, over masked positions.
+
+    Shapes: logits (B, T, V), mask (B, T). An entropy bonus enters the PPO loss as ``- coef * H``.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    ent = -(logp.exp() * logp).sum(-1)  # (B, T)
+    h = masked_mean(ent, mask)
+    return h, {"entropy": h.detach()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SFT: next-token cross entropy with the output layer applied only at supervised positions.
+# ---------------------------------------------------------------------------------------------------------------------
+def sft_loss(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
+             logit_softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross entropy over supervised positions, and how many there are.
+
+        sum_loss = sum_{(b,t): labels[b,t] != -100}  -log softmax(W h[b,t])[labels[b,t]]
+
+    Shapes: hidden (B, T, H) from the model body; labels (B, T), already shifted (labels[b, t] is the token at t + 1, or
+    -100); output_layer maps (N, H) -> (N, V) (the lm_head module, LoRA-wrapped or tied to the embedding: any callable).
+    Only the N supervised rows reach the output layer, so its vocab x hidden cost is paid for N positions, not B x T
+    (for Gemma-3-270M that layer costs more FLOPs than the body). With ``logit_softcap`` c, logits = c * tanh(logits / c)
+    (Gemma 2's final soft-capping).
+
+    Returns ``(sum_loss, n_tokens)`` rather than a mean, so the caller normalises over the supervised tokens of the whole
+    optimizer step, across micro-batches and ranks (exact gradient accumulation, R4). With no supervised token the loss
+    is an exact 0 that still depends on the graph (zero gradient, never NaN); the caller counts such batches (R6).
+    """
+    flat_labels = labels.reshape(-1)  # (B*T,)
+    idx = (flat_labels != -100).nonzero(as_tuple=True)[0]  # (N,)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, H)
+    logits = output_layer(h)  # (N, V)
+    if logit_softcap:
+        logits = torch.tanh(logits / logit_softcap) * logit_softcap
+    n_tokens = torch.tensor(idx.numel(), device=hidden.device)
+    if idx.numel() == 0:
+        return hidden.sum() * 0.0, n_tokens
+    loss = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
+                           flat_labels.index_select(0, idx), reduction="sum")
+    return loss, n_tokens

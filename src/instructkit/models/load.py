@@ -1,0 +1,219 @@
+"""Load a causal LM and its tokenizer for training: fp32 on CPU, pad token checked, LoRA / QLoRA through peft; merge.
+
+QLoRA on CPU: we measured (2026-11-23, bitsandbytes 0.50.2, peft 0.21, transformers 5.23) that bitsandbytes' CPU
+backend quantises the linear layers of a Llama to 4-bit NF4 (``Linear4bit``) and runs forward *and* backward on CPU with
+a peft LoRA adapter on top, fp32 compute. So ``lora.quantize: int4`` uses ``BitsAndBytesConfig(load_in_4bit=True)``
+(``int8``: ``load_in_8bit``). bitsandbytes is an optional extra (``pip install instructkit[qlora]``). On a GPU the same
+config runs the CUDA kernels unchanged; on CPU the 4-bit matmuls dequantise on the fly and are slower than fp32, the
+gain is memory only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from instructkit.config import ConfigError, LoRAConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Existing tokens that are safe to use as padding when a tokenizer has none (in this order); never the eos token.
+_PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "[PAD]", "<|padding|>")
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A local folder as is; otherwise a zoo name (models/zoo.py, imported lazily) converted to a safetensors cache."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return p
+    try:
+        from instructkit.models.zoo import resolve_model
+    except ImportError:  # zoo not available: only local folders
+        raise FileNotFoundError(f"model folder not found: {name_or_path}") from None
+    return Path(resolve_model(name_or_path))
+
+
+def ensure_pad_token(tokenizer, model=None) -> str:
+    """Make sure ``tokenizer.pad_token`` exists and differs from eos (pad == eos masks the end-of-turn token away).
+
+    Uses a distinct existing token if there is one, else adds ``<pad>`` (and resizes the model's embeddings).
+    Returns a sentence saying what was done ("" when nothing was needed)."""
+    eos = tokenizer.eos_token
+    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
+        return ""
+    vocab = tokenizer.get_vocab()
+    for cand in _PAD_CANDIDATES + ((tokenizer.unk_token,) if tokenizer.unk_token else ()):
+        if cand and cand in vocab and cand != eos:
+            tokenizer.pad_token = cand
+            msg = f"pad token set to the existing token {cand!r} (was {'eos' if eos else 'missing'})"
+            break
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        msg = "pad token '<pad>' added to the vocabulary"
+        if model is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+            msg += f"; embeddings resized to {len(tokenizer)}"
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    log.warning(msg)
+    return msg
+
+
+def _prepare_template(tokenizer, model_cfg: ModelConfig, model) -> None:
+    """Install the chat template (chat/templates.py, when present) and resize embeddings if it added tokens."""
+    try:
+        from instructkit.chat.templates import prepare_tokenizer
+    except ImportError:
+        if model_cfg.template not in ("auto", "", None):
+            raise ConfigError(f"model.template={model_cfg.template!r} needs chat/templates.py, which is not available")
+        return
+    before = len(tokenizer)
+    result = prepare_tokenizer(tokenizer, model_cfg.template)
+    if result is not None and result is not tokenizer and hasattr(result, "apply_chat_template"):
+        tokenizer.__dict__.update(result.__dict__)
+    if len(tokenizer) > before and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def _quantization_config(kind: str):
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"lora.quantize={kind!r} needs bitsandbytes: pip install 'instructkit[qlora]' ({e})") from e
+    if kind == "int4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=False)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ConfigError(f"lora.quantize must be int4, int8 or null, got {kind!r}")
+
+
+def apply_lora(model, lora_cfg: LoRAConfig):
+    """Wrap ``model`` in a peft LoRA adapter; only adapter weights are trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets: Any = lora_cfg.target_modules
+    if list(targets) == ["all-linear"]:
+        targets = "all-linear"  # peft: every linear layer except the output layer
+    peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                              target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, peft_cfg)
+
+
+def load_model_and_tokenizer(model_cfg: ModelConfig, lora: LoRAConfig | None = None):
+    """(model, tokenizer) from a local folder or zoo name: fp32 on CPU (or ``model_cfg.dtype``), pad token distinct
+    from eos, chat template prepared, optional LoRA (and 4/8-bit frozen base for QLoRA)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not model_cfg.path:
+        raise ConfigError("model.path is empty: give a local model folder or a zoo name")
+    path = resolve_path(model_cfg.path)
+    dtype = getattr(torch, model_cfg.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"model.dtype={model_cfg.dtype!r} is not a torch dtype")
+    trust = bool(model_cfg.trust_remote_code)  # S4: only when the user set it
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
+    quantize = lora.quantize if (lora is not None and lora.enabled) else None
+    if lora is not None and lora.quantize and not lora.enabled:
+        raise ConfigError("lora.quantize is set but lora.enabled is false: QLoRA trains an adapter on a frozen base")
+    if quantize:
+        kwargs["quantization_config"] = _quantization_config(quantize)
+        kwargs["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    ensure_pad_token(tokenizer, model)
+    _prepare_template(tokenizer, model_cfg, model)
+    if lora is not None and lora.enabled:
+        model = apply_lora(model, lora)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Body and output layer, so losses apply the output layer only where needed.
+# ---------------------------------------------------------------------------------------------------------------------
+def causal_lm_parts(model) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], float | None]:
+    """(body, output_layer, logit_softcap) of a causal LM, through peft and DDP wrappers.
+
+    ``body(input_ids=..., ...)`` returns ``last_hidden_state``; ``output_layer`` is the lm_head module (tied to the
+    input embedding when the model ties them, LoRA-wrapped if it was targeted)."""
+    m = model
+    if hasattr(m, "module") and isinstance(m, torch.nn.parallel.DistributedDataParallel):
+        m = m.module
+    if hasattr(m, "get_base_model"):  # peft
+        m = m.get_base_model()
+    body = getattr(m, m.base_model_prefix, None) if getattr(m, "base_model_prefix", None) else None
+    if body is None or body is m:
+        body = m.model
+    head = m.get_output_embeddings()
+    softcap = getattr(getattr(m.config, "get_text_config", lambda: m.config)(), "final_logit_softcapping", None)
+    return body, head, softcap
+
+
+def packed_attention_mask(model, segment_ids: torch.Tensor, dtype: torch.dtype):
+    """The isolating mask for a packed batch; a per-layer-type dict for models with sliding-window layers (Gemma 3)."""
+    from instructkit.training.packing import block_causal_mask
+
+    mask = block_causal_mask(segment_ids, dtype)
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    layer_types = set(getattr(cfg, "layer_types", None) or [])
+    window = getattr(cfg, "sliding_window", None)
+    if "sliding_attention" in layer_types and window:
+        T = segment_ids.shape[1]
+        i = torch.arange(T)
+        far = (i[:, None] - i[None, :]) >= window  # key more than `window - 1` positions back
+        sliding = mask.masked_fill(far[None, None], torch.finfo(dtype).min)
+        return {"full_attention": mask, "sliding_attention": sliding}
+    return mask
+
+
+def packed_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, H) final hidden states of a packed batch (see training/packing.py): each sample attends only to itself."""
+    body, _, _ = causal_lm_parts(model)
+    dtype = body.get_input_embeddings().weight.dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    mask = packed_attention_mask(body, batch["segment_ids"], dtype)
+    out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False)
+    return out.last_hidden_state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving and merging
+# ---------------------------------------------------------------------------------------------------------------------
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Full model (safetensors) or LoRA adapter (peft format), plus the tokenizer with its chat template."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def merge_and_save(adapter_dir: str | Path, out_dir: str | Path, base_path: str | Path | None = None) -> Path:
+    """Merge a LoRA adapter into its fp32 base and write a plain Hugging Face folder (safetensors + tokenizer).
+
+    The base is ``base_path`` or the adapter's ``base_model_name_or_path``. A quantised (QLoRA) adapter is merged into
+    the full-precision base, as is usual."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    cfg_file = adapter_dir / "adapter_config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"not a LoRA adapter folder (no adapter_config.json): {adapter_dir}")
+    base = Path(base_path) if base_path else resolve_path(json.loads(cfg_file.read_text())["base_model_name_or_path"])
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return save_model(merged, tokenizer, out_dir)

@@ -1,0 +1,257 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint folder ``<run>/checkpoints/step-N/`` holds
+- ``trainable.safetensors``: every trainable parameter (all weights for full fine-tuning, the adapter for LoRA, plus any
+  head a recipe trains), by name;
+- ``optimizer.pt``, ``scheduler.pt``, ``rng_rank{R}.pt`` (torch RNG state): tensors only, loaded with
+  ``torch.load(weights_only=True)`` (S1: a pickle that runs code is refused);
+- ``rng_rank{R}.json`` (Python and NumPy RNG states), ``state.json`` (step, data position, counters),
+  ``config.yaml`` and ``config.json`` (the resolved config).
+
+Atomicity (R2): everything is written into ``.tmp-step-N-*``, each file fsynced, the folder renamed to ``step-N`` and
+the parent fsynced; only then is ``latest`` (a small text file naming the folder) replaced by an atomic rename. A kill at
+any moment leaves ``latest`` naming a complete checkpoint.
+
+Resume refuses drift (R3): ``check_drift`` compares the saved resolved config with the current one and names every
+changed field that changes the run, with both values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from instructkit.config import ConfigError
+
+LATEST = "latest"
+
+# Config fields that may change between a run and its resume: they do not change what is computed.
+RESUME_SAFE_FIELDS = frozenset({
+    "train.output_dir", "train.run_name", "train.log_every", "train.eval_every", "train.save_every",
+    "train.keep_checkpoints", "train.resume", "train.sample_every", "train.sample_prompts", "train.tensorboard",
+    "train.threads", "data.rejects_path", "eval", "sample",
+})
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, incomplete, unsafe, or does not match the current run."""
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name (shared tensors appear once: named_parameters de-duplicates tied weights)."""
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    want = {n for n, p in params.items() if p.requires_grad}
+    missing, unexpected = want - set(state), set(state) - want
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            if params[n].shape != t.shape:
+                raise CheckpointError(f"checkpoint tensor {n} has shape {tuple(t.shape)}, model {tuple(params[n].shape)}")
+            params[n].copy_(t)
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensor states for torch.save, JSON-able states) of every RNG we use."""
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    js = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, js
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], js: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    v, s, g = js["python"]
+    random.setstate((v, tuple(s), g))
+    n = js["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only; anything else is a CheckpointError (S1)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a pickle with code in it
+        raise CheckpointError(f"{path}: refused to load (not a plain tensor file): {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, optimizer, scheduler,
+                    state: dict[str, Any], config: dict[str, Any], *, keep: int = 2, dist=None,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Atomically write checkpoint ``step-<step>`` and point ``latest`` at it; keep the newest ``keep`` checkpoints.
+
+    With several processes every rank must call this (each writes its own RNG state); rank 0 writes the rest."""
+    from safetensors.torch import save_file
+    import yaml
+
+    rank = dist.rank if dist is not None else 0
+    world = dist.world_size if dist is not None else 1
+    root = Path(ckpt_root)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if dist is not None:
+        dist.barrier()
+    written: list[Path] = []
+    tensors, js = rng_state()
+    torch.save(tensors, tmp / f"rng_rank{rank}.pt")
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(js))
+    written += [tmp / f"rng_rank{rank}.pt", tmp / f"rng_rank{rank}.json"]
+    if rank == 0:
+        save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": world}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        written += [tmp / n for n in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json",
+                                      "config.json", "config.yaml", *(extra_files or {}))]
+    for p in written:
+        _fsync_file(p)
+    if dist is not None:
+        dist.barrier()
+    if rank == 0:
+        (tmp / "COMPLETE").write_text("ok\n")
+        _fsync_file(tmp / "COMPLETE")
+        _fsync_dir(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        fd, tmp_latest = tempfile.mkstemp(dir=root, prefix=".latest-")
+        with os.fdopen(fd, "w") as f:
+            f.write(final.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_latest, root / LATEST)
+        _fsync_dir(root)
+        _prune(root, keep, final.name)
+    if dist is not None:
+        dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    for p in steps[:-keep] if keep > 0 else []:
+        if p.name != current:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp-step-*"):  # partial saves of killed runs
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names, or None if there is none yet."""
+    root = Path(ckpt_root)
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "COMPLETE").exists():
+        raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def find_resume(ckpt_root: str | Path, resume: str) -> Path | None:
+    """``resume``: "auto" (latest if any), "never", or a checkpoint folder (must exist)."""
+    if resume == "never":
+        return None
+    if resume in ("auto", "", None):
+        return latest_checkpoint(ckpt_root)
+    p = Path(resume)
+    if p.is_dir() and (p / LATEST).exists():
+        return latest_checkpoint(p)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint to resume from not found: {p}")
+    if not (p / "COMPLETE").exists():
+        raise CheckpointError(f"not a complete checkpoint: {p}")
+    return p
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def check_drift(saved: dict[str, Any], current: dict[str, Any], safe: frozenset[str] = RESUME_SAFE_FIELDS) -> None:
+    """Raise CheckpointError naming each changed run-defining field with its saved and current values (R3)."""
+    a, b = _flatten(saved), _flatten(current)
+    changed = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == s or key.startswith(s + ".") for s in safe):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            changed.append(f"{key}: checkpoint {a.get(key, '<absent>')!r} != now {b.get(key, '<absent>')!r}")
+    if changed:
+        raise CheckpointError("resume refused, the config changed since the checkpoint: " + "; ".join(changed)
+                              + " (start a new run, or set train.resume=never)")
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, scheduler, *, rank: int = 0,
+                    config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG states; return state.json. With ``config``, first
+    refuse a drifted config."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not (p / "COMPLETE").exists():
+        raise CheckpointError(f"not a complete checkpoint: {p}")
+    if config is not None:
+        check_drift(json.loads((p / "config.json").read_text()), json.loads(json.dumps(config, default=str)))
+    state = json.loads((p / "state.json").read_text())
+    opt_state = safe_torch_load(p / "optimizer.pt")
+    sched_state = safe_torch_load(p / "scheduler.pt")
+    rng_file = p / f"rng_rank{rank}.pt"
+    if not rng_file.exists():
+        raise CheckpointError(f"{p} has no RNG state for rank {rank} (saved with world size {state.get('world_size')})")
+    rng_t = safe_torch_load(rng_file)
+    rng_j = json.loads((p / f"rng_rank{rank}.json").read_text())
+    load_trainable_state_dict(model, load_file(str(p / "trainable.safetensors")))
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(sched_state)
+    set_rng_state(rng_t, rng_j)
+    return state
