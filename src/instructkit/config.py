@@ -444,7 +444,8 @@ class QuickstartConfig:
     before and after, and a report. The model/lora/data/train sections are handed to the SFT recipe unchanged."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(path="gemma-3-270m"))
-    """The base model: a zoo name (installed and prepared if needed), a local folder, or "tiny:" (tests)."""
+    """The base model: a zoo name (installed and prepared if needed), a local folder, or "tiny" (a tiny random Llama
+    built into the run folder: tests and smoke runs)."""
     # The defaults below are the measured quickstart settings (configs/quickstart.yaml spells them out): about 5.6k
     # tokens of short examples, packed into 256-token rows, one row per step, a high LoRA learning rate because there
     # are only ~22 steps. `make quickstart` runs with exactly these.

@@ -1,0 +1,175 @@
+"""Scalar heads on a language-model backbone: reward models, value models (critics), and response-only log-probs.
+
+All functions here work on the *prompt/response layout* of rl/rollout.py: each row is a left-padded prompt of width
+P followed by a right-padded response of width R, so the response occupies the same columns P .. P+R-1 in every row.
+Then the hidden state that predicts response token j is at column P-1+j for every row, and the output layer (or the
+scalar head) runs only on those R columns: never on the prompt (TRL's DPO spends about 55% of a CPU step on prompt and
+padding logits) and never on padding.
+
+Reward model format: a plain Hugging Face ``*ForSequenceClassification`` folder with ``num_labels=1`` (for a Llama:
+``LlamaForSequenceClassification``, whose ``score`` is our head), so ``AutoModelForSequenceClassification`` loads it
+with no code of ours. Its raw score of a sequence without padding equals ours. The normalisation measured on the
+training data (mean, std of the raw rewards) is stored in ``config.json`` under ``instructkit_reward_normalization``;
+``normalized = (raw - mean) / std``. ``load_reward_model`` applies it; with plain transformers apply it yourself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+NORM_KEY = "instructkit_reward_normalization"
+
+
+def _unwrap(model):
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model
+
+
+def backbone_and_score(model) -> tuple[nn.Module, nn.Module]:
+    """(body, score head) of a ``*ForSequenceClassification`` model, through peft and DDP wrappers."""
+    m = _unwrap(model)
+    body = getattr(m, getattr(m, "base_model_prefix", "model"), None) or m.model
+    head = getattr(m, "score", None) or getattr(m, "classifier", None)
+    if head is None:
+        raise TypeError(f"{type(m).__name__} has no 'score' or 'classifier' head")
+    return body, head
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only real tokens (as transformers' generate computes them for left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def body_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) final hidden states of a decoder body on a left/right padded batch."""
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+               use_cache=False)
+    return out.last_hidden_state
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                    response_width: int, temperature: float = 1.0,
+                    hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, R, V) predicting each response token, and the (B, R, H) hidden states they came from.
+
+    Only the R response columns go through the output layer. ``temperature`` divides the logits, so log-probs match
+    the distribution the rollout sampled from (Huang et al. 2024, "N+ implementation details", detail 4)."""
+    from instructkit.models.load import causal_lm_parts
+
+    body, head, softcap = causal_lm_parts(model)
+    if hidden is None:
+        hidden = body_hidden(body, input_ids, attention_mask)  # (B, L, H)
+    h = hidden[:, prompt_width - 1: prompt_width - 1 + response_width]  # (B, R, H)
+    logits = head(h).float()  # (B, R, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits, h
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position: (B, R, V), (B, R) -> (B, R)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                      response_width: int, temperature: float = 1.0) -> torch.Tensor:
+    """(B, R) log-probs of the response tokens (columns P..P+R-1 of ``input_ids``); padding positions are 0."""
+    logits, _ = response_logits(model, input_ids, attention_mask, prompt_width, response_width, temperature)
+    tokens = input_ids[:, prompt_width: prompt_width + response_width]
+    mask = attention_mask[:, prompt_width: prompt_width + response_width].to(logits.dtype)
+    return gather_logprobs(logits, tokens) * mask
+
+
+class ValueHead(nn.Module):
+    """A scalar per position on top of a policy's hidden states (the shared-backbone critic of Ziegler et al. 2019).
+
+    Zero-initialised so the first value estimates are 0 and do not disturb the first advantages."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, R, H) -> (B, R)
+        return self.summary(hidden.float()).squeeze(-1)
+
+
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """(B, width) score-head outputs at columns ``start .. start+width-1`` of a ``*ForSequenceClassification`` model.
+
+    Used for a separate critic: the value of the state after column c (predicting the next token) is the score at c.
+    """
+    body, head = backbone_and_score(model)
+    hidden = body_hidden(body, input_ids, attention_mask)  # (B, L, H)
+    return head(hidden[:, start: start + width]).float().squeeze(-1)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    last_index: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) raw reward-model scores read at the last real token of each row.
+
+    ``last_index`` defaults to the last position where ``attention_mask`` is 1 (never a pad-id search, so a sampled
+    token equal to the pad id cannot move the read-out)."""
+    body, head = backbone_and_score(model)
+    hidden = body_hidden(body, input_ids, attention_mask)  # (B, L, H)
+    if last_index is None:
+        pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last_index = (attention_mask.long() * pos).argmax(-1)  # (B,)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return head(hidden[rows, last_index]).float().squeeze(-1)  # (B,)
+
+
+def read_normalization(model_or_path: Any) -> tuple[float, float]:
+    """(mean, std) stored with a reward model; (0, 1) when absent."""
+    if isinstance(model_or_path, (str, Path)):
+        cfg = json.loads((Path(model_or_path) / "config.json").read_text())
+        norm = cfg.get(NORM_KEY)
+    else:
+        norm = getattr(_unwrap(model_or_path).config, NORM_KEY, None)
+    if not norm:
+        return 0.0, 1.0
+    return float(norm["mean"]), float(norm["std"])
+
+
+def load_sequence_classifier(path: str | Path, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    """``AutoModelForSequenceClassification`` with one label from a folder (a reward model, or a causal LM whose new
+    score head is then randomly initialised), fp32, pad token id set from the tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                               trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def load_reward_model(path: str | Path, *, trust_remote_code: bool = False):
+    """(model, tokenizer, (mean, std)) of a saved reward model, frozen and in eval mode."""
+    model, tok = load_sequence_classifier(path, trust_remote_code=trust_remote_code)
+    model.eval().requires_grad_(False)
+    return model, tok, read_normalization(model)
+
+
+def save_reward_model(model, tokenizer, out_dir: str | Path, mean: float, std: float) -> Path:
+    """Write a plain ``*ForSequenceClassification`` folder (LoRA merged in) with the normalisation in config.json."""
+    m = model
+    if hasattr(m, "merge_and_unload"):
+        m = m.merge_and_unload()
+    setattr(m.config, NORM_KEY, {"mean": float(mean), "std": float(std)})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    m.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

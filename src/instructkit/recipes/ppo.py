@@ -1,0 +1,322 @@
+"""PPO with a per-token KL penalty to the frozen SFT model: InstructGPT's RL stage (Ouyang et al. 2022; Ziegler et
+al. 2019; Stiennon et al. 2020), with the details of Huang et al. 2024 ("The N+ implementation details of RLHF").
+
+Phases: config -> models (policy from the SFT model; reference = a frozen copy, or the same base with the LoRA adapter
+disabled; critic = a separate value model initialised from the reward model or the policy, or a value head on the
+policy; reward = a reward model or a rule "module:function") -> prompts -> for each iteration: rollouts (generation
+engine) -> scoring (old log-probs, reference log-probs, values, scores, missing-EOS penalty) -> KL-penalised per-token
+rewards, GAE, whitening (rl/advantage.py) -> `ppo_epochs` passes of clipped policy + clipped value loss - entropy bonus
+(+ PPO-ptx SFT loss) over mini-batches, each one optimizer step of training/loop.py (exact token-normalised
+accumulation, clipping, non-finite guard) -> KL controller update -> metrics -> atomic checkpoint (exact resume: the
+prompts, the sampling seeds and the mini-batch order are pure functions of the iteration).
+
+Simplifications, said plainly: one response per prompt; the reward model must share the policy's tokenizer (true for
+InstructGPT's same-backbone RM); dropout is off in rollouts and updates so the ratio is exactly 1 before the first
+update (Huang et al. detail 2); ptx mini-batches are drawn in a seeded order and averaged per micro-batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from instructkit.config import ConfigError, PPOConfig, save_config, to_dict
+from instructkit.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss, sft_loss
+from instructkit.models.value_head import (ValueHead, gather_logprobs, load_reward_model, load_sequence_classifier,
+                                           response_logits, sequence_scores, token_scores)
+from instructkit.rl.advantage import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards,
+                                      masked_whiten, penalize_missing_eos)
+from instructkit.rl.rollout import Trajectory, load_reward_function, make_rollout_batch, prompt_messages_of, read_sources
+
+log = logging.getLogger(__name__)
+
+
+class ActorCritic(nn.Module):
+    """Policy plus critic in one module, so the shared optimizer and checkpoint code see every trainable parameter."""
+
+    def __init__(self, policy, value_head: ValueHead | None = None, critic=None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.critic = critic
+
+    def values(self, batch_like, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, R) value of the state before each response token."""
+        if self.value_head is not None:
+            return self.value_head(hidden)
+        p, r = batch_like.prompt_width, batch_like.response_width
+        return token_scores(self.critic, batch_like.input_ids, batch_like.attention_mask, p - 1, r)
+
+
+def _resolve_model_path(path: str, run_dir: Path) -> str:
+    if path == "tiny:":  # a tiny random Llama for tests and smoke runs
+        from instructkit.models.tiny import create_tiny
+
+        target = run_dir / "tiny_model"
+        if not (target / "config.json").exists():
+            create_tiny(target, seed=0)
+        return str(target)
+    return path
+
+
+def build_models(cfg: PPOConfig, run_dir: Path):
+    """(actor-critic, reference or None, tokenizer, reward model or None, its (mean, std))."""
+    from instructkit.models.load import load_model_and_tokenizer, resolve_path
+
+    policy_path = _resolve_model_path(cfg.model.path, run_dir)
+    model_cfg = type(cfg.model)(**{**to_dict(cfg.model), "path": policy_path})
+    torch.manual_seed(cfg.train.seed)
+    policy, tok = load_model_and_tokenizer(model_cfg, cfg.lora)
+    reference = None
+    if not cfg.lora.enabled:  # with LoRA the reference is the policy with its adapter disabled
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    rm, norm = None, (0.0, 1.0)
+    if cfg.reward_model:
+        rm, rm_tok, norm = load_reward_model(resolve_path(cfg.reward_model))
+        if rm_tok.get_vocab() != tok.get_vocab():
+            raise ConfigError("the reward model's tokenizer differs from the policy's: PPO scores token ids directly")
+    if cfg.value_model == "head":
+        hidden = policy.get_input_embeddings().weight.shape[1]
+        ac = ActorCritic(policy, value_head=ValueHead(hidden))
+    else:
+        init = resolve_path(cfg.reward_model) if cfg.reward_model else resolve_path(policy_path)
+        critic, _ = load_sequence_classifier(init)
+        if cfg.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            critic = get_peft_model(critic, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+                                                       target_modules="all-linear", task_type="SEQ_CLS"))
+        ac = ActorCritic(policy, critic=critic)
+    return ac, reference, tok, rm, norm
+
+
+def _no_dropout(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def load_prompts(cfg: PPOConfig, renderer, run_dir: Path) -> tuple[list[list[int]], list[list[dict]], dict]:
+    """Prompt token ids (and messages) from conversations or pairs; prompts over data.max_length are skipped."""
+    examples, stats = read_sources(cfg.data, cfg.data.sources, run_dir)
+    ids, msgs, too_long = [], [], 0
+    for ex in examples:
+        m = prompt_messages_of(ex)
+        if not m:
+            continue
+        p = renderer.render_prompt(m)
+        if len(p) > cfg.data.max_length:
+            too_long += 1
+            continue
+        ids.append(p)
+        msgs.append([{"role": x.role, "content": x.content} for x in m])
+    return ids, msgs, {"read": stats, "prompts": len(ids), "skipped_too_long": too_long}
+
+
+def main(cfg: PPOConfig) -> dict[str, Any]:
+    from instructkit.chat.render import Renderer
+    from instructkit.generation.engine import Engine, SamplingParams
+    from instructkit.models.load import causal_lm_parts, packed_hidden_states, save_model
+    from instructkit.training.checkpoint import find_resume, load_checkpoint, save_checkpoint
+    from instructkit.training.loop import MetricsLogger, build_optimizer, build_scheduler, optimizer_step
+    from instructkit.training.packing import Sample, collate_rows
+
+    # -- config
+    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.temperature <= 0:
+        raise ConfigError("PPO samples: temperature must be > 0")
+
+    # -- models
+    ac, reference, tok, rm, (rm_mean, rm_std) = build_models(cfg, run_dir)
+    _no_dropout(ac)
+    policy = ac.policy
+    renderer = Renderer(tok, template=cfg.model.template)
+    pad_id = tok.pad_token_id
+    stop_ids = renderer.stop_token_ids
+    reward_fn = load_reward_function(cfg.reward_function) if cfg.reward_function else None
+    engine = Engine(policy, tok, max_batch_size=cfg.rollout_batch_size)
+
+    # -- data
+    prompt_ids, prompt_msgs, data_stats = load_prompts(cfg, renderer, run_dir)
+    if len(prompt_ids) < cfg.rollout_batch_size:
+        from instructkit.data.schema import DataError
+
+        raise DataError(f"{len(prompt_ids)} usable prompts, fewer than rollout_batch_size={cfg.rollout_batch_size}")
+    ptx: list[Sample] = []
+    if cfg.ptx_coef > 0:
+        convs, _ = read_sources(cfg.data, cfg.ptx_data, run_dir, expect="conversation")
+        for c in convs:
+            r = renderer.render(c, mask=cfg.data.mask, max_length=cfg.data.max_length)
+            if sum(r.loss_mask[1:]):
+                ptx.append(Sample(list(r.input_ids), list(r.loss_mask)))
+        if not ptx:
+            raise ConfigError("ptx_data has no supervised tokens")
+    data_stats["ptx_examples"] = len(ptx)
+    (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=1, default=str))
+
+    # -- optimisation state
+    mini = cfg.train.micro_batch_size * cfg.train.grad_accum
+    n_mini = cfg.rollout_batch_size // mini
+    iterations = cfg.train.max_steps or 1
+    optimizer = build_optimizer(ac, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, iterations * cfg.ppo_epochs * n_mini)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl \
+        else FixedKLController(cfg.kl_coef)
+    ckpt_root = run_dir / "checkpoints"
+    logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
+    it = 0
+    resume = find_resume(ckpt_root, cfg.train.resume)
+    if resume is not None:
+        state = load_checkpoint(resume, ac, optimizer, scheduler, config=to_dict(cfg))
+        it = int(state["step"])
+        kl_ctl.value = float(state["kl_coef"])
+        logger.truncate_after(it)
+        log.info("resumed from %s at iteration %d", resume, it)
+
+    def reference_logits(input_ids, attention_mask, p, r):
+        if reference is not None:
+            return response_logits(reference, input_ids, attention_mask, p, r, cfg.temperature)[0]
+        with policy.disable_adapter():
+            return response_logits(policy, input_ids, attention_mask, p, r, cfg.temperature)[0]
+
+    mb_stats: list[dict[str, float]] = []
+
+    def loss_fn(model: ActorCritic, mb):
+        traj, ptx_batch = mb
+        model.eval()  # dropout stays off (it is zeroed anyway): gradients flow the same
+        p, r = traj.prompt_width, traj.response_width
+        logits, hidden = response_logits(model.policy, traj.input_ids, traj.attention_mask, p, r, cfg.temperature)
+        tokens = traj.input_ids[:, p:p + r]
+        mask = traj.response_mask
+        logp = gather_logprobs(logits, tokens)  # (b, R)
+        pg, pg_m = ppo_policy_loss(logp, traj.logprobs, traj.advantages, mask, cfg.clip_range)
+        values = model.values(traj, hidden)  # (b, R)
+        vf, vf_m = ppo_value_loss(values, traj.values, traj.returns, mask, cfg.clip_range_value)
+        ent, _ = entropy_from_logits(logits, mask)
+        n = mask.sum()
+        loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * ent
+        stats = {"policy_loss": pg.item(), "value_loss": vf.item(), "entropy": ent.item(), **{
+            k: float(v) for k, v in {**pg_m, **vf_m}.items()}}
+        if ptx_batch is not None:
+            body, head, softcap = causal_lm_parts(model.policy)
+            s, k = sft_loss(packed_hidden_states(model.policy, ptx_batch), ptx_batch["labels"], head, softcap)
+            ptx_mean = s / k.clamp(min=1)
+            loss = loss + cfg.ptx_coef * ptx_mean
+            stats["ptx_loss"] = ptx_mean.item()
+        mb_stats.append({k: v * float(n) for k, v in stats.items()} | {"_n": float(n)})
+        return loss * n, n.long()
+
+    # -- iterations
+    while it < iterations:
+        rng = random.Random(f"{cfg.data.seed}:{it}")
+        chosen = rng.sample(range(len(prompt_ids)), cfg.rollout_batch_size)
+        batch_prompts = [prompt_ids[i] for i in chosen]
+
+        # rollouts
+        ac.eval()
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                stop_token_ids=stop_ids, seed=cfg.train.seed * 1_000_003 + it)
+        outputs = engine.generate(batch_prompts, params)
+        batch, ended = make_rollout_batch(batch_prompts, outputs, stop_ids, pad_id)
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        p, r, mask = batch["prompt_width"], batch["response_width"], batch["response_mask"]
+
+        # scoring
+        with torch.no_grad():
+            logits, hidden = response_logits(policy, ids, attn, p, r, cfg.temperature)
+            old_logp = gather_logprobs(logits, ids[:, p:p + r]) * mask
+            ref_logp = gather_logprobs(reference_logits(ids, attn, p, r), ids[:, p:p + r]) * mask
+            shell = Trajectory(ids, attn, mask, p, r, old_logp, ref_logp, old_logp, torch.zeros(0), ended)
+            values = ac.values(shell, hidden) * mask
+            if rm is not None:
+                raw = sequence_scores(rm, ids, attn)
+                scores = (raw - rm_mean) / rm_std
+            else:
+                texts = [o.text for o in outputs]
+                scores = torch.tensor(reward_fn([prompt_msgs[i] for i in chosen], texts,
+                                                [list(o.token_ids) for o in outputs], **cfg.reward_function_kwargs),
+                                      dtype=torch.float32)
+            raw_scores = scores.clone()
+            scores = penalize_missing_eos(scores, ended, cfg.missing_eos_penalty)
+            rewards, kl_m = kl_penalized_rewards(old_logp, ref_logp, mask, scores, kl_ctl.value, cfg.kl_estimator)
+            if cfg.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            advantages = masked_whiten(advantages, mask)
+        traj = Trajectory(ids, attn, mask, p, r, old_logp, ref_logp, values, scores, ended, rewards, advantages,
+                          returns)
+
+        # PPO epochs over mini-batches, each an optimizer step
+        mb_stats.clear()
+        gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + it)
+        grad_norms = []
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(cfg.rollout_batch_size, generator=gen)
+            for k in range(n_mini):
+                idx = perm[k * mini:(k + 1) * mini]
+                micro = []
+                for j in range(cfg.train.grad_accum):
+                    sub = traj.select(idx[j * cfg.train.micro_batch_size:(j + 1) * cfg.train.micro_batch_size])
+                    ptx_batch = None
+                    if ptx:
+                        pick = rng.sample(range(len(ptx)), min(cfg.ptx_micro_batch_size, len(ptx)))
+                        ptx_batch = collate_rows([[ptx[i]] for i in pick], pad_id)
+                    micro.append((sub, ptx_batch))
+                res = optimizer_step(ac, optimizer, scheduler, micro, loss_fn,
+                                     lambda mb: int(mb[0].response_mask.sum()),
+                                     max_grad_norm=cfg.train.max_grad_norm, step=it)
+                if res.grad_norm is not None:
+                    grad_norms.append(res.grad_norm)
+        it += 1
+
+        # metrics: rollout statistics, then the update's token-weighted means
+        lengths = mask.sum(1)
+        with torch.no_grad():
+            ent_roll, _ = entropy_from_logits(logits, mask)
+        rec: dict[str, Any] = {
+            "step": it, "score": raw_scores.mean().item(), "score_penalized": scores.mean().item(),
+            "kl": kl_m["kl"].item(), "non_score_reward": kl_m["non_score_reward"].item(),
+            "reward_total": (rewards * mask).sum(1).mean().item(), "kl_coef": kl_ctl.value,
+            "rollout_entropy": ent_roll.item(), "response_length": lengths.float().mean().item(),
+            "ended_fraction": ended.float().mean().item(), "lr": scheduler.get_last_lr()[0],
+            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+        }
+        total_n = sum(s["_n"] for s in mb_stats) or 1.0
+        for key in mb_stats[0] if mb_stats else ():
+            if key != "_n":
+                rec[key] = sum(s.get(key, 0.0) for s in mb_stats) / total_n
+        kl_ctl.update(rec["kl"], cfg.rollout_batch_size)
+        if it % max(cfg.train.log_every, 1) == 0 or it == iterations:
+            logger.log(rec)
+        if (cfg.train.save_every and it % cfg.train.save_every == 0) or it == iterations:
+            save_checkpoint(ckpt_root, it, ac, optimizer, scheduler, {"kl_coef": kl_ctl.value}, to_dict(cfg),
+                            keep=cfg.train.keep_checkpoints)
+        if it == 1 or it == iterations:
+            with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+                for i in range(min(4, len(outputs))):
+                    f.write(json.dumps({"step": it, "prompt": prompt_msgs[chosen[i]], "response": outputs[i].text,
+                                        "score": raw_scores[i].item()}) + "\n")
+
+    logger.close()
+    out = save_model(policy, tok, run_dir / "model")
+    (out / "chat_template.jinja").write_text(renderer.template)
+    from instructkit.training.loop import read_metrics
+
+    records = read_metrics(run_dir)
+    result = {"run_dir": str(run_dir), "iterations": it, "model_dir": str(out),
+              "first": {k: records[0].get(k) for k in ("score", "kl", "response_length")} if records else {},
+              "last": {k: records[-1].get(k) for k in ("score", "kl", "response_length", "kl_coef")} if records else {}}
+    (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,198 @@
+"""Reward model through the CLI on a tiny model: learns a synthetic preference rule, saves a plain transformers
+sequence classifier with its normalisation, resumes exactly, and scores only through the attention mask."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructkit.cli import main as cli
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_reward_model.yaml")
+
+GOOD = ["good", "great", "happy", "nice", "kind", "clear"]
+BAD = ["bad", "sad", "poor", "cold", "dark", "slow"]
+TOPICS = ["the sea", "bread", "the sky", "a poem", "Paris", "the dog", "numbers", "a fox"]
+
+
+def write_pairs(path, n, seed):
+    """The rule to learn: the chosen answer uses words from GOOD, the rejected one words from BAD."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            t = rng.choice(TOPICS)
+            good = " ".join(rng.choice(GOOD) for _ in range(3))
+            bad = " ".join(rng.choice(BAD) for _ in range(3))
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"Tell me about {t}."}],
+                                "chosen": [{"role": "assistant", "content": f"It is {good}."}],
+                                "rejected": [{"role": "assistant", "content": f"It is {bad}."}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pref")
+    return write_pairs(d / "train.jsonl", 128, 0), write_pairs(d / "val.jsonl", 64, 1)
+
+
+def rm_args(pref_data, out, name, *extra):
+    train, val = pref_data
+    return ["reward-model", "--config", CONFIG, f"data.sources=[{{path: {train}}}]",
+            f"data.validation=[{{path: {val}}}]", f"train.output_dir={out}", f"train.run_name={name}", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_rm(pref_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm_runs")
+    assert cli(rm_args(pref_data, out, "rm", "train.save_every=10", "train.keep_checkpoints=5")) == 0
+    return out / "rm"
+
+
+def test_rm_learns_held_out_preferences(trained_rm):
+    result = json.loads((trained_rm / "eval.json").read_text())
+    assert result["eval_pairs"] == 64
+    assert result["eval_accuracy"] >= 0.95
+    metrics = [json.loads(line) for line in (trained_rm / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert steps[0]["loss"] > 0.5 and steps[-1]["loss"] < 0.2  # starts near log 2 (random head), falls
+    assert {"accuracy", "reward_margin", "chosen_reward", "rejected_reward"} <= set(steps[-1])
+
+
+def test_saved_rm_loads_with_plain_transformers_and_matches_our_scores(trained_rm):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from instructkit.chat.render import Renderer
+    from instructkit.models.value_head import NORM_KEY, load_reward_model, sequence_scores
+    from instructkit.rl.rollout import encode_response, prompt_response_batch
+    from instructkit.data.schema import Message
+
+    model_dir = trained_rm / "model"
+    plain = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert type(plain).__name__ == "LlamaForSequenceClassification" and plain.config.num_labels == 1
+    norm = getattr(plain.config, NORM_KEY)
+    ours, _, (mean, std) = load_reward_model(model_dir)
+    assert (mean, std) == (norm["mean"], norm["std"]) and std > 0
+    renderer = Renderer(tok)
+    prompt, resp = encode_response(renderer, [Message("user", "Tell me about bread.")],
+                                   [Message("assistant", "It is kind nice great.")])
+    prompt2, resp2 = encode_response(renderer, [Message("user", "Tell me about the sky?")],
+                                     [Message("assistant", "It is dark.")])
+    with torch.no_grad():
+        raw_plain = plain(input_ids=torch.tensor([prompt + resp])).logits[0, 0].item()
+        batch = prompt_response_batch([prompt, prompt2], [resp, resp2], tok.pad_token_id)
+        raw_ours = sequence_scores(ours, batch["input_ids"], batch["attention_mask"])
+    # a left/right padded batch gives the same score as the unpadded sequence through plain transformers
+    assert raw_ours[0].item() == pytest.approx(raw_plain, abs=1e-4)
+    assert raw_ours[0] > raw_ours[1]  # good words beat bad words
+
+
+def test_normalisation_centres_training_rewards(trained_rm, pref_data):
+    """Normalised rewards of the training responses have mean 0 and std 1 (by construction of mean/std)."""
+    from instructkit.chat.render import Renderer
+    from instructkit.data.io import read_pairs
+    from instructkit.models.value_head import load_reward_model
+    from instructkit.recipes.reward_model import pair_batch, pair_scores
+    from instructkit.rl.rollout import encode_pairs
+
+    model, tok, (mean, std) = load_reward_model(trained_rm / "model")
+    items, _ = encode_pairs(Renderer(tok), read_pairs(pref_data[0]), 64)
+    with torch.no_grad():
+        c, r = pair_scores(model, pair_batch(items, tok.pad_token_id))
+    z = (torch.cat([c, r]) - mean) / std
+    assert z.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert z.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_rm_resume_from_a_checkpoint_equals_uninterrupted(trained_rm, pref_data, tmp_path):
+    """R1: resuming at step 10 of the 30-step run reproduces its final weights and its metrics exactly."""
+    from safetensors.torch import load_file
+
+    ckpt = trained_rm / "checkpoints" / "step-10"
+    assert (ckpt / "COMPLETE").exists()
+    assert cli(rm_args(pref_data, tmp_path, "resumed", "train.save_every=10", "train.keep_checkpoints=5",
+                       f"train.resume={ckpt}")) == 0
+    a = load_file(str(trained_rm / "checkpoints" / "step-30" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-30" / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full = [json.loads(x) for x in (trained_rm / "metrics.jsonl").read_text().splitlines()]
+    part = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    losses_full = {m["step"]: m["loss"] for m in full if "loss" in m and m["step"] > 10}
+    losses_part = {m["step"]: m["loss"] for m in part if "loss" in m}
+    assert losses_part == losses_full
+
+
+def test_resume_refuses_a_changed_batch_size(trained_rm, pref_data, tmp_path, capsys):
+    ckpt = trained_rm / "checkpoints" / "step-10"
+    code = cli(rm_args(pref_data, tmp_path, "drift", "train.micro_batch_size=4", f"train.resume={ckpt}"))
+    assert code == 2
+    assert "train.micro_batch_size" in capsys.readouterr().err
+
+
+def test_rm_with_lora_trains_and_saves_a_merged_model(pref_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    assert cli(rm_args(pref_data, tmp_path, "lora", "lora.enabled=true", "lora.r=8", "train.max_steps=3")) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora" / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_margin_enters_the_loss(pref_data, tmp_path):
+    """With use_margin and margin m on every pair, the first-step loss is the pairwise loss shifted by m."""
+    from instructkit.losses import pairwise_reward_loss
+
+    src = [json.loads(x) for x in open(pref_data[0])]
+    for rec in src:
+        rec["margin"] = 2.0
+    path = tmp_path / "margin.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in src))
+    args = rm_args((path, pref_data[1]), tmp_path, "m", "use_margin=true", "train.max_steps=1")
+    assert cli(args) == 0
+    first = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[0])
+    # the step's mean margin r_c - r_r is logged; the loss must be mean(-log sigmoid(diff - 2)), which for the near-zero
+    # diffs of a fresh head is about softplus(2) = 2.127 (vs log 2 = 0.693 without the margin)
+    assert first["loss"] == pytest.approx(2.1269, abs=0.05)
+    loss, _ = pairwise_reward_loss(torch.tensor([first["reward_margin"]]), torch.tensor([0.0]), 2.0)
+    assert loss.item() == pytest.approx(first["loss"], abs=0.02)
+
+
+def test_tiny_config_as_shipped_on_real_preference_data(tmp_path, monkeypatch, shared_data):
+    """configs/tiny_reward_model.yaml runs from the project root on lf_dpo_en_demo.json; hh-rlhf (which has records
+    with an empty turn) reads in skip mode with its rejects counted."""
+    monkeypatch.chdir(Path(CONFIG).parents[1])
+    assert cli(["reward-model", "--config", CONFIG, f"train.output_dir={tmp_path}", "train.max_steps=2"]) == 0
+    stats = json.loads((tmp_path / "tiny_reward_model" / "data_stats.json").read_text())
+    assert stats["train_pairs"] + stats["validation_pairs"] + stats["dropped_train"]["too_long"] \
+        + stats["dropped_validation"]["too_long"] == 300
+    assert (tmp_path / "tiny_reward_model" / "metrics.jsonl").exists()
+    hh = shared_data / "hh_rlhf_harmless_base_test.jsonl.gz"
+    assert cli(["reward-model", "--config", CONFIG, f"train.output_dir={tmp_path}", "train.run_name=hh",
+                "train.max_steps=1", f"data.sources=[{{path: {hh}, max_examples: 64}}]", "data.skip_invalid=true",
+                "data.max_invalid_fraction=0.2"]) == 0
+    read = json.loads((tmp_path / "hh" / "data_stats.json").read_text())["read"][str(hh)]
+    assert read["format"] == "hh_rlhf" and read["kept"] + read["rejected"] == read["total"]
+
+
+@pytest.mark.parametrize("name, cls", [("reward_model", "RewardModelConfig"), ("tiny_reward_model", "RewardModelConfig"),
+                                       ("dpo", "DPOConfig"), ("tiny_dpo", "DPOConfig"), ("ppo", "PPOConfig"),
+                                       ("tiny_ppo", "PPOConfig")])
+def test_shipped_configs_load(name, cls):
+    from instructkit import config
+
+    cfg = config.load_config(getattr(config, cls), Path(CONFIG).with_name(f"{name}.yaml"))
+    assert cfg.train.run_name == name
+
+
+def test_config_checks(tmp_path):
+    from instructkit.config import ConfigError, DPOConfig, PPOConfig, load_config
+
+    with pytest.raises(ConfigError, match="exactly one of reward_model"):
+        load_config(PPOConfig, None, [])
+    with pytest.raises(ConfigError, match="not divisible"):
+        load_config(PPOConfig, None, ["reward_function=a:b", "rollout_batch_size=10", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="loss_type"):
+        load_config(DPOConfig, None, ["loss_type=hinge"])
