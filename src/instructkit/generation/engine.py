@@ -1,0 +1,388 @@
+"""Batched generation with a KV cache: greedy or sampled, stop tokens and stop strings, streaming.
+
+Why not `model.generate`: it is the reference we test against (greedy outputs are token-identical), but on a 2-core CPU
+its per-step Python overhead (logits-processor lists, stopping-criteria objects, mask re-creation) is a large part of
+the time for the small models this project trains, finished rows keep computing until the whole batch stops, and it
+returns no per-token log-probabilities of the sampled tokens without extra work. The loop here is the same algorithm
+kept lean:
+
+- prompts are left-padded into one batch; position ids are ``cumsum(mask) - 1`` exactly as transformers computes them,
+  and the 2-D attention mask is handed to the model, which builds its own causal mask (sliding windows included);
+- the prompt is run once (prefill) into a transformers ``DynamicCache``; every later step feeds one token per row;
+- only the last position goes through the output layer (``logits_to_keep=1``), which matters for Gemma's 262k-row
+  output layer, and keeps the model's own final-logit soft-capping;
+- rows that finish are dropped from the batch (``DynamicCache.batch_select_indices``) once enough of them have finished
+  to pay for the copy, so the batch never computes for sequences that are done;
+- each row samples from its own ``torch.Generator`` seeded ``seed + row``, so a seeded prompt gives the same tokens
+  whatever else is in the batch and whether or not other rows were dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    """Upper bound on generated tokens per sequence (finish_reason "length" when reached)."""
+    temperature: float = 0.0
+    """0 is greedy (argmax); > 0 samples from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to >= top_p (1.0 keeps all)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 keeps all)."""
+    repetition_penalty: float = 1.0
+    """CTRL-style penalty on every token already in the prompt or the output: positive logits are divided by it,
+    negative ones multiplied (1.0: off)."""
+    stop_token_ids: list[int] | None = None
+    """End generation when one of these is produced (kept in token_ids, not in text). None: the tokenizer's eos plus
+    the model's generation_config eos ids."""
+    stop_strings: Sequence[str] = ()
+    """End generation when the decoded output contains one of these; text is cut before it."""
+    seed: int | None = None
+    """Seed for sampling; row i of a batch uses seed + i. None draws a seed from torch's global generator."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(s for s in self.stop_strings if s)
+
+
+@dataclass
+class GenerationOutput:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    """Generated ids, including the stop token when one ended the sequence."""
+    text: str
+    """Decoded output without the stop token, cut before a stop string, special tokens skipped."""
+    finish_reason: str
+    """"stop" (a stop token or stop string) or "length" (max_new_tokens reached)."""
+    logprobs: list[float] = field(default_factory=list)
+    """log p(token) of each generated token under the model's raw distribution (temperature 1, before top-k/top-p and
+    repetition penalty), one per entry of token_ids."""
+
+
+@dataclass
+class _Row:
+    index: int  # position in the caller's prompt list
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_cut: int | None = None  # char offset of a matched stop string in the decoded text
+
+
+def _as_int_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    if isinstance(x, int):
+        return [x]
+    return [int(v) for v in x]
+
+
+class Engine:
+    """Generate from a causal LM (transformers or peft-wrapped) with a tokenizer.
+
+    ``Engine(model, tokenizer).generate([prompt_ids, ...], SamplingParams(...))``. ``max_batch_size`` bounds the rows
+    processed together; larger requests are split into length-sorted batches (outputs keep the request order).
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 32, template: str = "auto"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.template = template
+        self.prune_finished = True  # drop finished rows from the batch (see the module docstring)
+        self._renderer = None
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_id = int(pad)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # stop tokens and chat prompts
+    @property
+    def default_stop_token_ids(self) -> list[int]:
+        ids = _as_int_list(self.tokenizer.eos_token_id)
+        gen_cfg = getattr(self.model, "generation_config", None)
+        if gen_cfg is not None:
+            ids += _as_int_list(gen_cfg.eos_token_id)
+        return sorted(set(ids))
+
+    @property
+    def renderer(self):
+        """chat/render.py's Renderer when it is available (it owns the chat template), else None."""
+        if self._renderer is None:
+            try:
+                from instructkit.chat.render import Renderer
+            except ImportError:
+                return None
+            self._renderer = Renderer(self.tokenizer, template=self.template)
+        return self._renderer
+
+    def chat_prompt_ids(self, messages: Sequence[Any]) -> list[int]:
+        """Token ids of a conversation up to and including the assistant generation prompt."""
+        msgs = [_message_dict(m) for m in messages]
+        renderer = self.renderer
+        if renderer is not None:
+            return list(renderer.render_prompt(msgs))
+        out = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def chat_stop_token_ids(self) -> list[int]:
+        ids = set(self.default_stop_token_ids)
+        renderer = self.renderer
+        if renderer is not None:
+            ids.update(int(t) for t in renderer.stop_token_ids)
+        return sorted(ids)
+
+    def chat(self, conversations: Sequence[Sequence[Any]], params: SamplingParams | None = None) -> list[GenerationOutput]:
+        """Generate the next assistant turn for each message list (dicts with role/content, or schema Messages)."""
+        params = params or SamplingParams()
+        if params.stop_token_ids is None:
+            params = _replace(params, stop_token_ids=self.chat_stop_token_ids())
+        return self.generate([self.chat_prompt_ids(c) for c in conversations], params)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # public generation API
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[GenerationOutput]:
+        params = params or SamplingParams()
+        prompts = [list(map(int, p)) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+        base_seed = self._base_seed(params)
+        results: list[GenerationOutput | None] = [None] * len(prompts)
+        order = list(range(len(prompts)))
+        if len(prompts) > self.max_batch_size:  # similar lengths together: less padding
+            order.sort(key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start:start + self.max_batch_size]
+            rows = [_Row(index=i, prompt=prompts[i]) for i in chunk]
+            for _ in self._run(rows, params, base_seed):
+                pass
+            for row in rows:
+                results[row.index] = self._output(row, params)
+        return results  # type: ignore[return-value]
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated; their concatenation equals ``generate(...)[0].text``.
+
+        Text that could still turn into a stop string, or an incomplete UTF-8 character, is held back until it is
+        settled.
+        """
+        params = params or SamplingParams()
+        row = _Row(index=0, prompt=list(map(int, prompt_ids)))
+        if not row.prompt:
+            raise ValueError("prompt is empty")
+        emitted = 0
+        for _ in self._run([row], params, self._base_seed(params)):
+            text = self._text(row, params)
+            if row.finish_reason is None:
+                safe = _settled_length(text, params.stop_strings)
+            else:
+                safe = len(text)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        text = self._text(row, params)
+        if len(text) > emitted:
+            yield text[emitted:]
+        self.last_stream_output = self._output(row, params)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # internals
+    @staticmethod
+    def _base_seed(params: SamplingParams) -> int:
+        if params.seed is not None:
+            return int(params.seed)
+        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+    def _text(self, row: _Row, params: SamplingParams) -> str:
+        toks = row.tokens
+        if row.finish_reason == "stop" and row.stop_cut is None and toks:
+            toks = toks[:-1]  # the stop token itself is not text
+        text = self.tokenizer.decode(toks, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if row.stop_cut is not None:
+            text = text[:row.stop_cut]
+        return text
+
+    def _output(self, row: _Row, params: SamplingParams) -> GenerationOutput:
+        return GenerationOutput(
+            prompt_ids=row.prompt,
+            token_ids=list(row.tokens),
+            text=self._text(row, params),
+            finish_reason=row.finish_reason or "length",
+            logprobs=list(row.logprobs),
+        )
+
+    def _check_stop_string(self, row: _Row, stops: tuple[str, ...], window: int) -> None:
+        tail = self.tokenizer.decode(row.tokens[-window:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if not any(s in tail for s in stops):
+            return
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        cuts = [text.find(s) for s in stops if s in text]
+        if cuts:
+            row.stop_cut = min(cuts)
+            row.finish_reason = "stop"
+
+    @torch.inference_mode()
+    def _run(self, rows: list[_Row], params: SamplingParams, base_seed: int) -> Iterator[None]:
+        """Generate into ``rows`` in place; yields once after every decoding step."""
+        model = self.model
+        device = next(model.parameters()).device
+        stop_ids = set(self.default_stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+        stops = tuple(params.stop_strings)
+        # a stop string of n characters spans at most n tokens, plus a few for partial UTF-8 bytes
+        window = 4 * max((len(s) for s in stops), default=0) + 4
+        if params.max_new_tokens == 0:
+            for r in rows:
+                r.finish_reason = "length"
+            return
+
+        B = len(rows)
+        max_len = max(len(r.prompt) for r in rows)
+        input_ids = torch.full((B, max_len), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, max_len), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row's last prompt token is in the last column
+            input_ids[i, max_len - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
+            attn[i, max_len - len(r.prompt):] = 1
+        input_ids, attn = input_ids.to(device), attn.to(device)
+        position_ids = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)  # as transformers' generate computes them
+        padded = bool((attn == 0).any())
+
+        generators = None
+        if params.temperature > 0:
+            generators = []
+            for r in rows:
+                g = torch.Generator(device=device)
+                g.manual_seed(base_seed + r.index)
+                generators.append(g)
+        seen = None  # (B, V) bool: tokens already in prompt or output, for the repetition penalty
+
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        active = list(range(B))  # indices into rows of the sequences still in the batch
+        out = model(input_ids=input_ids, attention_mask=attn if padded else None, position_ids=position_ids,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        last_pos = position_ids[:, -1:]
+        for step in range(params.max_new_tokens):
+            logits = out.logits[:, -1, :].float()  # (b, V)
+            V = logits.shape[-1]
+            if params.repetition_penalty != 1.0:
+                if seen is None:
+                    seen = torch.zeros((B, V), dtype=torch.bool, device=device)
+                    for i, r in enumerate(rows):
+                        seen[i, torch.tensor([t for t in r.prompt if t < V], dtype=torch.long)] = True
+                scores = _apply_repetition_penalty(logits, seen[active], params.repetition_penalty)
+            else:
+                scores = logits
+            next_tokens = self._choose(scores, params, [generators[i] for i in active] if generators else None)
+            logp = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None])[:, 0]
+            next_list = next_tokens.tolist()
+            logp_list = logp.tolist()
+            for j, i in enumerate(active):
+                r = rows[i]
+                if r.finish_reason is not None:  # finished, still in the batch until enough rows are done to prune
+                    continue
+                t = next_list[j]
+                r.tokens.append(t)
+                r.logprobs.append(logp_list[j])
+                if seen is not None:
+                    seen[i, t] = True
+                if t in stop_ids:
+                    r.finish_reason = "stop"
+                elif stops:
+                    self._check_stop_string(r, stops, window)
+                if r.finish_reason is None and len(r.tokens) >= params.max_new_tokens:
+                    r.finish_reason = "length"
+            yield
+            keep = [j for j, i in enumerate(active) if rows[i].finish_reason is None]
+            if not keep:
+                break
+            if self.prune_finished and len(keep) < len(active) and (len(active) - len(keep)) * 4 >= len(active):
+                # drop finished rows once a quarter of the batch is done: the cache copy costs about one step
+                idx = torch.tensor(keep, dtype=torch.long, device=device)
+                cache.batch_select_indices(idx)
+                attn = attn[idx]
+                last_pos = last_pos[idx]
+                next_tokens = next_tokens[idx]
+                active = [active[j] for j in keep]
+            if padded:
+                attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            last_pos = last_pos + 1
+            out = model(input_ids=next_tokens[:, None], attention_mask=attn if padded else None,
+                        position_ids=last_pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+
+    @staticmethod
+    def _choose(scores: torch.Tensor, params: SamplingParams, generators: list | None) -> torch.Tensor:
+        """(b, V) scores -> (b,) token ids: argmax, or a sample after temperature, top-k and top-p."""
+        if params.temperature == 0 or generators is None:
+            return scores.argmax(dim=-1)
+        scores = scores / params.temperature
+        if params.top_k and params.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=True)
+            cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            # drop a token when the tokens ranked above it already reach top_p; the most likely token always stays
+            drop_sorted = (cum - sorted_scores.softmax(dim=-1)) >= params.top_p
+            drop_sorted[:, 0] = False
+            drop = torch.zeros_like(drop_sorted).scatter(1, sorted_idx, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        return torch.cat([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(generators)])
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def _settled_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the prefix of ``text`` that can no longer change: no trailing replacement character (an incomplete
+    UTF-8 sequence) and no suffix that is the beginning of a stop string."""
+    n = len(text)
+    while n > 0 and text[n - 1] == "\ufffd":
+        n -= 1
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, n), 0, -1):
+            if text[n - k:n] == s[:k]:
+                hold = max(hold, k)
+                break
+    return n - hold
+
+
+def _message_dict(m: Any) -> dict[str, str]:
+    if isinstance(m, dict):
+        return {"role": m["role"], "content": m["content"]}
+    return {"role": m.role, "content": m.content}
+
+
+def _replace(params: SamplingParams, **changes) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)
