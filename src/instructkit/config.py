@@ -456,7 +456,7 @@ class QuickstartConfig:
         max_length=128))
     """Training conversations (default: the first 144 of the built-in quickstart set)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        run_name="quickstart", resume="never", micro_batch_size=1, pack_length=256, lr=2e-3, warmup_steps=2))
+        run_name="quickstart", resume="never", micro_batch_size=1, pack_length=256, lr=2e-3, warmup_steps=5))
     """Optimisation settings for the SFT phase; the report goes to <output_dir>/<run_name>/report.md."""
     heldout: str = "builtin:quickstart_heldout"
     """Held-out conversations (never trained on): their prompts are generated from before and after tuning, and their
@@ -670,3 +670,62 @@ class EvaluateConfig:
             raise ConfigError("evals includes perplexity but heldout_data is empty")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("batch_size and max_new_tokens must be >= 1")
+
+
+PIPELINE_REWARD_MODEL = "pipeline:reward_model"
+"""InstructGPTConfig.ppo.reward_model placeholder: the reward model trained by the pipeline's own RM stage."""
+
+
+@dataclass
+class InstructGPTConfig:
+    """`instructkit experiment instructgpt`: SFT -> reward model -> PPO (Ouyang et al. 2022), each stage run by its own
+    recipe, then a report comparing the SFT and PPO policies on held-out prompts. Runs go to
+    <output_dir>/<run_name>/{sft,reward_model,ppo}/; each section's train.output_dir and train.run_name are set by the
+    pipeline, and so are the RM's and PPO's model.path (the SFT output) and ppo.reward_model (the RM output)."""
+
+    output_dir: str = "runs"
+    """The experiment is written to <output_dir>/<run_name>/."""
+    run_name: str = "instructgpt"
+    """Name of the experiment folder."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Stage 1: supervised fine-tuning of the base model (sft.model.path) on demonstrations."""
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """Stage 2: reward model on preference pairs, initialised from the SFT model."""
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(reward_model=PIPELINE_REWARD_MODEL))
+    """Stage 3: PPO from the SFT model against the stage-2 reward model; the reference is the SFT model."""
+    synthetic_prompts: str = ""
+    """If set (a file of conversations or pairs), ignore the sections' data sources and train on a synthetic rule
+    over these prompts: every demonstration answers either in the "good" or the "bad" style (half each), every
+    preference pair prefers "good", and the last `synthetic_heldout` prompts are the held-out evaluation prompts.
+    For smoke runs on a tiny model, where PPO must have something learnable to improve."""
+    synthetic_heldout: int = 16
+    """Held-out prompts kept out of the synthetic training data."""
+    eval_prompts: list[DataSource] = field(default_factory=list)
+    """Held-out prompt sources for the SFT-vs-PPO comparison (every turn before the last assistant turn is the
+    prompt); ignored with synthetic_prompts."""
+    eval_offset: int = 0
+    """Skip the first N held-out examples (e.g. the ones the RM and PPO stages read with their max_examples); a
+    source's max_examples then counts the examples after the offset."""
+    eval_max_prompts: int = 32
+    """Held-out prompts compared (0: all)."""
+    eval_max_new_tokens: int = 64
+    """Response length cap in the comparison."""
+    eval_temperature: float = 1.0
+    """0: greedy; > 0: sampling. The KL estimate is unbiased only for responses sampled at temperature 1."""
+    eval_batch_size: int = 16
+    """Prompts generated and scored together."""
+    eval_seed: int = 0
+    """Sampling seed of the comparison (both policies use the same one)."""
+    num_samples: int = 4
+    """Sample responses shown side by side in the report."""
+
+    def __post_init__(self) -> None:
+        if min(self.eval_max_prompts, self.eval_offset) < 0 or min(self.eval_batch_size, self.eval_max_new_tokens) < 1:
+            raise ConfigError("eval_max_prompts, eval_offset must be >= 0; eval_batch_size, eval_max_new_tokens >= 1")
+        if self.eval_temperature < 0:
+            raise ConfigError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
+        if self.ppo.reward_function:
+            raise ConfigError("the InstructGPT pipeline scores PPO with its own reward model: "
+                              "leave ppo.reward_function empty")
+        if not self.synthetic_prompts and not self.eval_prompts:
+            raise ConfigError("eval_prompts is empty: give held-out prompts for the SFT-vs-PPO comparison")

@@ -11,6 +11,9 @@ seen in training? Phases, in order:
      curve.png (held-out score against the number of training clusters).
 Each finished run writes its evaluation, so a rerun skips runs that are already done (resume at run granularity; SFT
 itself resumes from its own checkpoints).
+
+instructgpt (InstructGPT, Ouyang et al. 2022): SFT -> reward model -> PPO, then an SFT-vs-PPO report; the pipeline is
+recipes/instructgpt.py.
 """
 
 from __future__ import annotations
@@ -22,12 +25,17 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("experiment", help="multi-run experiments: flan-scaling")
+    parser = subparsers.add_parser("experiment", help="multi-run experiments: flan-scaling, instructgpt")
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     p = sub.add_parser("flan-scaling", help="held-out cluster score vs number of instruction-tuning clusters")
     p.add_argument("--config", default=None, help="YAML config (configs/flan_scaling.yaml, configs/tiny_flan_scaling.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_flan_scaling)
+    p = sub.add_parser("instructgpt", help="SFT -> reward model -> PPO, then an SFT-vs-PPO report")
+    p.add_argument("--config", default="configs/instructgpt.yaml",
+                   help="YAML config (configs/instructgpt.yaml, configs/tiny_instructgpt.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=cmd_instructgpt)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
@@ -38,6 +46,15 @@ def cmd_flan_scaling(args) -> int:
     result = run_flan_scaling(cfg)
     print(Path(result["report"]).read_text(encoding="utf-8"))
     print(f"saved {result['report']}, {result['curve']} and {result['results']}", file=sys.stderr)
+    return 0
+
+
+def cmd_instructgpt(args) -> int:
+    from instructkit.recipes.instructgpt import load_instructgpt_config, main
+
+    result = main(load_instructgpt_config(args.config, args.overrides))
+    print(Path(result["report"]).read_text(encoding="utf-8"))
+    print(f"saved {result['report']} and {result['results']}", file=sys.stderr)
     return 0
 
 

@@ -106,3 +106,15 @@ def create_tiny(path: str | Path, *, seed: int = 0, vocab_size: int = 512, hidde
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def resolve_tiny_path(path: str, run_dir: str | Path, *, seed: int = 0, create: bool = True) -> str:
+    """The one place that handles a recipe's ``model.path: "tiny:"``: a tiny random Llama at ``<run_dir>/tiny_model``
+    (written once with ``seed``; ``create=False`` on non-main ranks, which wait for rank 0). Any other path is returned
+    unchanged."""
+    if not str(path).startswith("tiny:"):
+        return str(path)
+    target = Path(run_dir) / "tiny_model"
+    if create and not (target / "config.json").exists():
+        create_tiny(target, seed=seed)
+    return str(target)

@@ -51,17 +51,6 @@ def sequence_logps(model, batch: dict[str, Any], average: bool) -> tuple[torch.T
     return s[: batch["n"]], s[batch["n"]:]
 
 
-def _resolve_model_path(path: str, run_dir: Path) -> str:
-    if path == "tiny:":  # a tiny random Llama for tests and smoke runs
-        from instructkit.models.tiny import create_tiny
-
-        target = run_dir / "tiny_model"
-        if not (target / "config.json").exists():
-            create_tiny(target, seed=0)
-        return str(target)
-    return path
-
-
 class Reference:
     """The frozen reference policy: a separate model, or the policy with its LoRA adapter disabled."""
 
@@ -130,7 +119,9 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.threads)
 
     # -- model and reference
-    model_cfg = type(cfg.model)(**{**to_dict(cfg.model), "path": _resolve_model_path(cfg.model.path, run_dir)})
+    from instructkit.models.tiny import resolve_tiny_path
+
+    model_cfg = type(cfg.model)(**{**to_dict(cfg.model), "path": resolve_tiny_path(cfg.model.path, run_dir)})
     torch.manual_seed(cfg.train.seed)
     policy, tok = load_model_and_tokenizer(model_cfg, cfg.lora)
     reference = Reference(cfg, policy, run_dir)

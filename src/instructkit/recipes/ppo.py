@@ -56,22 +56,13 @@ class ActorCritic(nn.Module):
         return token_scores(self.critic, batch_like.input_ids, batch_like.attention_mask, p - 1, r)
 
 
-def _resolve_model_path(path: str, run_dir: Path) -> str:
-    if path == "tiny:":  # a tiny random Llama for tests and smoke runs
-        from instructkit.models.tiny import create_tiny
-
-        target = run_dir / "tiny_model"
-        if not (target / "config.json").exists():
-            create_tiny(target, seed=0)
-        return str(target)
-    return path
-
-
 def build_models(cfg: PPOConfig, run_dir: Path):
     """(actor-critic, reference or None, tokenizer, reward model or None, its (mean, std))."""
     from instructkit.models.load import load_model_and_tokenizer, resolve_path
 
-    policy_path = _resolve_model_path(cfg.model.path, run_dir)
+    from instructkit.models.tiny import resolve_tiny_path
+
+    policy_path = resolve_tiny_path(cfg.model.path, run_dir)
     model_cfg = type(cfg.model)(**{**to_dict(cfg.model), "path": policy_path})
     torch.manual_seed(cfg.train.seed)
     policy, tok = load_model_and_tokenizer(model_cfg, cfg.lora)

@@ -43,22 +43,14 @@ def pair_scores(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tenso
     return r[: batch["n"]], r[batch["n"]:]
 
 
-def _resolve_model_path(path: str, run_dir: Path) -> Path:
-    if path == "tiny:":  # a tiny random Llama for tests and smoke runs
-        from instructkit.models.tiny import create_tiny
-
-        target = run_dir / "tiny_model"
-        return target if (target / "config.json").exists() else create_tiny(target, seed=0)
-    from instructkit.models.load import resolve_path
-
-    return resolve_path(path)
-
-
 def build_model(cfg: RewardModelConfig, run_dir: Path):
     """(sequence classifier, tokenizer): score head initialised with the run's seed, LoRA through peft if enabled."""
     from instructkit.models.load import ensure_pad_token
 
-    path = _resolve_model_path(cfg.model.path, run_dir)
+    from instructkit.models.load import resolve_path
+    from instructkit.models.tiny import resolve_tiny_path
+
+    path = resolve_path(resolve_tiny_path(cfg.model.path, run_dir))
     torch.manual_seed(cfg.train.seed)
     model, tok = load_sequence_classifier(path, trust_remote_code=cfg.model.trust_remote_code)
     ensure_pad_token(tok, model)

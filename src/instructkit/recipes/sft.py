@@ -149,13 +149,11 @@ def main(cfg: SFTConfig) -> dict:
 
     # -- model (before rendering: the template may add tokens) ---------------------------------------------------------
     if cfg.model.path.startswith("tiny:"):
-        from instructkit.models.tiny import create_tiny
+        from instructkit.models.tiny import resolve_tiny_path
 
-        tiny_dir = run_dir / "tiny_model"
-        if dist.is_main and not (tiny_dir / "config.json").exists():
-            create_tiny(tiny_dir, seed=cfg.train.seed)
+        tiny_dir = resolve_tiny_path(cfg.model.path, run_dir, seed=cfg.train.seed, create=dist.is_main)
         dist.barrier()
-        model_cfg = type(cfg.model)(**{**to_dict(cfg.model), "path": str(tiny_dir)})
+        model_cfg = type(cfg.model)(**{**to_dict(cfg.model), "path": tiny_dir})
     else:
         model_cfg = cfg.model
     torch.manual_seed(cfg.train.seed)  # model-side randomness (LoRA init, dropout); data order has its own seed
