@@ -178,8 +178,29 @@ def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch
 # ---------------------------------------------------------------------------------------------------------------------
 # SFT: next-token cross entropy with the output layer applied only at supervised positions.
 # ---------------------------------------------------------------------------------------------------------------------
+SFT_CHUNK_BYTES = 64 * 2**20  # fp32 logits of one output-layer chunk: 64 MiB (64 rows of Gemma 3's 262,144 vocab)
+
+
+def _vocab_size(output_layer) -> int | None:
+    """Output width of the output layer if it says (nn.Linear, peft's LoRA Linear: ``out_features``), else None."""
+    v = getattr(output_layer, "out_features", None)
+    if v is None and isinstance(getattr(output_layer, "weight", None), torch.Tensor):
+        v = output_layer.weight.shape[0]
+    return int(v) if v else None
+
+
+def _sft_chunk_loss(h: torch.Tensor, target: torch.Tensor, output_layer, logit_softcap: float | None) -> torch.Tensor:
+    """Summed cross entropy of one chunk of supervised rows: h (n, H), target (n,) -> scalar."""
+    logits = output_layer(h)  # (n, V)
+    if logit_softcap:
+        logits = torch.tanh(logits / logit_softcap) * logit_softcap
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, target, reduction="sum")
+
+
 def sft_loss(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
-             logit_softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             logit_softcap: float | None = None, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross entropy over supervised positions, and how many there are.
 
         sum_loss = sum_{(b,t): labels[b,t] != -100}  -log softmax(W h[b,t])[labels[b,t]]
@@ -190,19 +211,35 @@ def sft_loss(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
     (for Gemma-3-270M that layer costs more FLOPs than the body). With ``logit_softcap`` c, logits = c * tanh(logits / c)
     (Gemma 2's final soft-capping).
 
+    Memory: the N rows go through the output layer and the cross entropy in chunks of ``chunk_rows`` (default: as many
+    rows as fit SFT_CHUNK_BYTES of fp32 logits, i.e. 64 for a 262,144 vocab, 32,768 for a 512 vocab). With more than one
+    chunk each chunk runs under activation checkpointing, so no (chunk, V) logits, log-softmax or gradient outlives its
+    chunk: the output layer's peak is O(chunk_rows x V), not O(N x V), for one extra output-layer forward per chunk in
+    backward (the idea of TRL's / Liger's fused linear cross entropy, here via torch.utils.checkpoint so any callable
+    output layer, LoRA or tied, works). A single chunk runs plainly (no recompute; its peak is one chunk anyway).
+
     Returns ``(sum_loss, n_tokens)`` rather than a mean, so the caller normalises over the supervised tokens of the whole
     optimizer step, across micro-batches and ranks (exact gradient accumulation, R4). With no supervised token the loss
     is an exact 0 that still depends on the graph (zero gradient, never NaN); the caller counts such batches (R6).
     """
     flat_labels = labels.reshape(-1)  # (B*T,)
     idx = (flat_labels != -100).nonzero(as_tuple=True)[0]  # (N,)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, H)
-    logits = output_layer(h)  # (N, V)
-    if logit_softcap:
-        logits = torch.tanh(logits / logit_softcap) * logit_softcap
-    n_tokens = torch.tensor(idx.numel(), device=hidden.device)
-    if idx.numel() == 0:
+    n = idx.numel()
+    n_tokens = torch.tensor(n, device=hidden.device)
+    if n == 0:
         return hidden.sum() * 0.0, n_tokens
-    loss = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
-                           flat_labels.index_select(0, idx), reduction="sum")
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, H)
+    target = flat_labels.index_select(0, idx)  # (N,)
+    if chunk_rows is None:
+        vocab = _vocab_size(output_layer)
+        chunk_rows = max(1, SFT_CHUNK_BYTES // (4 * vocab)) if vocab else 1024
+    if n <= chunk_rows:
+        return _sft_chunk_loss(h, target, output_layer, logit_softcap), n_tokens
+    from torch.utils.checkpoint import checkpoint
+
+    loss = None
+    for s in range(0, n, chunk_rows):
+        part = checkpoint(_sft_chunk_loss, h[s:s + chunk_rows], target[s:s + chunk_rows], output_layer,
+                          logit_softcap, use_reentrant=False)  # scalar; the chunk's logits are recomputed in backward
+        loss = part if loss is None else loss + part
     return loss, n_tokens
