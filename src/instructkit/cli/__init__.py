@@ -19,6 +19,17 @@ from instructkit import __version__
 COMMAND_MODULES = (
     "data",
     "template",
+    "models",
+    "quickstart",
+    "export",
+    "train",
+    "rlhf",
+    "generate",
+    "evaluate",
+    "report",
+    "chat",
+    "tasks",
+    "experiment",
 )
 
 
