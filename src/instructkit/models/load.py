@@ -66,13 +66,9 @@ def ensure_pad_token(tokenizer, model=None) -> str:
 
 
 def _prepare_template(tokenizer, model_cfg: ModelConfig, model) -> None:
-    """Install the chat template (chat/templates.py, when present) and resize embeddings if it added tokens."""
-    try:
-        from instructkit.chat.templates import prepare_tokenizer
-    except ImportError:
-        if model_cfg.template not in ("auto", "", None):
-            raise ConfigError(f"model.template={model_cfg.template!r} needs chat/templates.py, which is not available")
-        return
+    """Install the chat template (chat/templates.py) and resize embeddings if it added tokens."""
+    from instructkit.chat.templates import prepare_tokenizer
+
     before = len(tokenizer)
     result = prepare_tokenizer(tokenizer, model_cfg.template)
     if result is not None and result is not tokenizer and hasattr(result, "apply_chat_template"):
