@@ -4,31 +4,15 @@ log-probs equal full-sequence log-probs."""
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from instructkit.cli import main as cli
+from pref_helpers import write_pairs
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_dpo.yaml")
-GOOD = ["good", "great", "happy", "nice", "kind", "clear"]
-BAD = ["bad", "sad", "poor", "cold", "dark", "slow"]
-TOPICS = ["the sea", "bread", "the sky", "a poem", "Paris", "the dog", "numbers", "a fox"]
-
-
-def write_pairs(path, n, seed):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            t = rng.choice(TOPICS)
-            good = " ".join(rng.choice(GOOD) for _ in range(3))
-            bad = " ".join(rng.choice(BAD) for _ in range(3))
-            f.write(json.dumps({"prompt": [{"role": "user", "content": f"Tell me about {t}."}],
-                                "chosen": [{"role": "assistant", "content": f"It is {good}."}],
-                                "rejected": [{"role": "assistant", "content": f"It is {bad}."}]}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
