@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from instructkit.config import DPOConfig, save_config, to_dict
+from instructkit.config import DPOConfig, to_dict
 from instructkit.losses import dpo_loss
 from instructkit.models.value_head import response_logprobs
 from instructkit.rl.rollout import EncodedPair, encode_pairs, prompt_response_batch, read_sources, split_validation
@@ -112,11 +112,9 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
                                            step_record, total_steps_for)
 
     # -- config
-    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    from instructkit.training.loop import start_run
+
+    run_dir = start_run(cfg, cfg.train)
 
     # -- model and reference
     from instructkit.models.tiny import resolve_tiny_path

@@ -21,14 +21,13 @@ import copy
 import json
 import logging
 import random
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from instructkit.config import ConfigError, PPOConfig, save_config, to_dict
+from instructkit.config import ConfigError, PPOConfig, to_dict
 from instructkit.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss, sft_loss
 from instructkit.models.value_head import (ValueHead, gather_logprobs, load_reward_model, load_sequence_classifier,
                                            response_logits, sequence_scores, token_scores)
@@ -121,11 +120,9 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     from instructkit.training.packing import Sample, collate_rows
 
     # -- config
-    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    from instructkit.training.loop import start_run
+
+    run_dir = start_run(cfg, cfg.train)
     if cfg.temperature <= 0:
         raise ConfigError("PPO samples: temperature must be > 0")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from instructkit.config import RewardModelConfig, save_config, to_dict
+from instructkit.config import RewardModelConfig, to_dict
 from instructkit.losses import pairwise_reward_loss
 from instructkit.models.value_head import backbone_and_score, load_sequence_classifier, save_reward_model, \
     sequence_scores
@@ -100,11 +100,9 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
                                            step_record, total_steps_for)
 
     # -- config
-    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    from instructkit.training.loop import start_run
+
+    run_dir = start_run(cfg, cfg.train)
 
     # -- model (before the data: the tokenizer renders it)
     model, tok = build_model(cfg, run_dir)

@@ -136,12 +136,7 @@ def main(cfg: SFTConfig) -> dict:
 
     # -- config ---------------------------------------------------------------------------------------------------------
     dist = loop.DistContext.from_accelerate()
-    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    run_dir = loop.start_run(cfg, cfg.train, dist.is_main)
     config_dict = json.loads(json.dumps(to_dict(cfg), default=str))
 
     # -- data -----------------------------------------------------------------------------------------------------------

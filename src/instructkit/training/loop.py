@@ -104,6 +104,20 @@ class DistContext:
 # ---------------------------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 # ---------------------------------------------------------------------------------------------------------------------
+def start_run(cfg: Any, train: TrainConfig, is_main: bool = True) -> Path:
+    """Every recipe's first phase: make <output_dir>/<run_name>/, set torch's threads, save the resolved config
+    (main process only). Returns the run folder."""
+    from instructkit.config import save_config
+
+    run_dir = Path(train.output_dir) / train.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if train.threads > 0:
+        torch.set_num_threads(train.threads)
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
