@@ -39,6 +39,8 @@ def runs(tmp_path):
         "responses": ({"stop_rate": 0.95}, []),
         "perplexity": ({"heldout_loss": 1.3, "perplexity": 3.669}, []),
     })
+    with open(sft / "metrics.jsonl", "a") as f:  # a final line with only the run's evaluation results
+        f.write(json.dumps({"step": 3, "final_accuracy": 0.5}) + "\n")
     ppo = _make_run(tmp_path, "ppo", [1.0, 0.9], {"responses": ({"stop_rate": 1.0}, [])}, rl=True)
     return base, sft, ppo
 

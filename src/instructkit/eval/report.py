@@ -248,9 +248,11 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, names: list[str
     lines += [f"![{p.stem[6:]}]({files.name}/{p.name})" for p in plotted] or ["No `metrics.jsonl` found."]
     lines.append("")
     for r in runs:
-        if r.curve:
-            last = r.curve[-1]
-            lines.append(f"- {r.name}: {len(r.curve)} logged steps, last step {int(last['step'])}: "
+        # the last row that has a curve metric (a run's final line may hold only its evaluation results)
+        logged = [row for row in r.curve if any(k in row for k in curve_keys)]
+        if logged:
+            last = logged[-1]
+            lines.append(f"- {r.name}: {len(logged)} logged steps, last step {int(last['step'])}: "
                          + ", ".join(f"{k} {_fmt(last[k])}" for k in curve_keys if k in last))
 
     lines += ["", "## Sample responses", ""]
