@@ -4,6 +4,10 @@
                                                            # repetitions per side (13.5 min on the loaded machine)
     HF_HUB_OFFLINE=1 python bench/sft_vs_trl.py --quick    # smoke run (1 x 256-token rows, 1 repetition, no file)
     ... --configs llama30m-full                             # one configuration; its object in the JSON is replaced
+    ... --sides instructkit,trl,instructkit_unfused         # also instructkit with its pre-2026-11-24 output layer
+                                                           # (losses.sft_loss, chunks recomputed in backward)
+    ... --threads 1 --steps 2                               # 1 thread: CPU seconds measure the work even when the
+                                                           # machine is shared (JSON objects are kept per threads)
 
 TRL 1.16 is a bench-only dependency (``pip install trl==1.16.0``), not a dependency of instructkit.
 
@@ -162,7 +166,7 @@ def prepare(name: str, cfg: dict, threads: int, seed: int) -> dict:
     # what each step contains (identical on both sides by construction)
     spec["step_tokens"] = [sum(len(s[0]) for i in idx for s in spec["rows"][i]) for idx in step_rows]
     spec["step_supervised"] = [sum(sum(s[1][1:]) for i in idx for s in spec["rows"][i]) for idx in step_rows]
-    path = work / "spec.json"
+    path = work / f"spec_{os.getpid()}.json"  # per driver: two runs at once must not read each other's spec
     path.write_text(json.dumps(spec))
     return {"spec_path": str(path), "n_params": n_params, "n_rows": len(rows), "tokenizer": tokenizer_note,
             "data_stats": stats.as_dict(), "step_tokens": spec["step_tokens"],
@@ -193,7 +197,9 @@ def timed_summary(spec: dict, ends: list[float], t_start: float, first_loss: flo
             "timed_cpu_seconds": cpu, "tokens_per_cpu_s": tokens / cpu, **extra}
 
 
-def child_instructkit(spec: dict) -> dict:
+def child_instructkit(spec: dict, fused_head: bool = True) -> dict:
+    """instructkit's SFT step; ``fused_head=False`` swaps in the loss before losses.sft_loss_fused (sft_loss: chunks
+    recomputed in backward), to measure that change in the same run (side "instructkit_unfused")."""
     import torch
 
     from instructkit.config import LoRAConfig, ModelConfig, TrainConfig
@@ -218,13 +224,21 @@ def child_instructkit(spec: dict) -> dict:
     optimizer = loop.build_optimizer(model, tcfg)
     scheduler = loop.build_scheduler(optimizer, tcfg, total)
     pad_id = spec["pad_token_id"]
+    loss_fn = sft_batch_loss
+    if not fused_head:
+        from instructkit.losses import sft_loss
+        from instructkit.models.load import causal_lm_parts, packed_hidden_states
+
+        def loss_fn(m, b):
+            _, head, cap = causal_lm_parts(m)
+            return sft_loss(packed_hidden_states(m, b), b["labels"], head, cap)
     ends, cpu_ends, losses, units, tokens = [], [], [], [], []
     t_start = time.perf_counter()
     for step in range(total):  # the body of recipes/sft.py's loop, minus metrics/checkpoint I/O
         groups = plan.micro_batches(step)
         assert [i for g in groups for i in g] == spec["step_rows"][step]
         mbs = [collate_rows([rows[i] for i in g], pad_id) for g in groups]
-        res = loop.optimizer_step(model, optimizer, scheduler, mbs, sft_batch_loss, count_supervised,
+        res = loop.optimizer_step(model, optimizer, scheduler, mbs, loss_fn, count_supervised,
                                   max_grad_norm=tcfg.max_grad_norm, token_fn=count_tokens, step=step)
         ends.append(time.perf_counter())
         cpu_ends.append(cpu_seconds())
@@ -301,7 +315,7 @@ def child_trl(spec: dict) -> dict:
 # driver
 # ---------------------------------------------------------------------------------------------------------------------
 def run_child(side: str, spec_path: str) -> dict:
-    out = Path(spec_path).with_name(f"result_{side}.json")
+    out = Path(spec_path).with_name(f"result_{side}_{os.getpid()}.json")
     out.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--spec", spec_path, "--result", str(out)]
@@ -316,17 +330,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny batches, 1 repetition")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     ap.add_argument("--reps", type=int, default=0, help="repetitions per side, interleaved (default: per config)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads per side (1: CPU time is then a load-independent measure of the work)")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per child (default: per config)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sft_vs_trl.json"))
-    ap.add_argument("--child", choices=["instructkit", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--sides", default="instructkit,trl",
+                    help="comma-separated sides to run, interleaved: instructkit, trl, and optionally "
+                         "instructkit_unfused (instructkit with the pre-fusion output-layer loss)")
+    ap.add_argument("--child", choices=["instructkit", "trl", "instructkit_unfused"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     if a.child:
         spec = json.loads(Path(a.spec).read_text())
-        res = (child_instructkit if a.child == "instructkit" else child_trl)(spec)
+        if a.child == "trl":
+            res = child_trl(spec)
+        else:
+            res = child_instructkit(spec, fused_head=a.child == "instructkit")
         Path(a.result).write_text(json.dumps(res))
         return 0
 
@@ -340,14 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     log(f"fp32 matmul ceiling {ceiling_before:.1f} GFLOP/s, load average {load_before}")
     results = []
     for name in a.configs.split(","):
-        cfg = {**CONFIGS[name], **(QUICK if a.quick else {})}
+        cfg = {**CONFIGS[name], **(QUICK if a.quick else {}), **({"steps": a.steps} if a.steps else {})}
         reps = a.reps or cfg["reps"]
         load_cfg = os.getloadavg()
         log(f"{name}: preparing")
         prep = prepare(name, cfg, a.threads, a.seed)
-        runs: dict[str, list[dict]] = {"instructkit": [], "trl": []}
+        side_names = a.sides.split(",")
+        runs: dict[str, list[dict]] = {side: [] for side in side_names}
         for r in range(reps):
-            order = ["instructkit", "trl"] if r % 2 == 0 else ["trl", "instructkit"]
+            order = side_names if r % 2 == 0 else side_names[::-1]
             for side in order:
                 res = run_child(side, prep["spec_path"])
                 runs[side].append(res)
@@ -383,14 +406,27 @@ def main(argv: list[str] | None = None) -> int:
             "first_step_loss_abs_diff": abs(ik["first_step_loss"] - tr["first_step_loss"]),
             "load_average_before": load_cfg, "load_average_after": os.getloadavg(),
         })
+        if "instructkit_unfused" in sides:  # the fused output layer's own effect, same run, interleaved
+            un = sides["instructkit_unfused"]
+            results[-1].update({
+                "instructkit_unfused": un,
+                "ratio_fused_vs_unfused_tokens_per_s": ik["tokens_per_s"] / un["tokens_per_s"],
+                "ratio_fused_vs_unfused_tokens_per_cpu_s": ik["tokens_per_cpu_s"] / un["tokens_per_cpu_s"],
+                "ratio_fused_vs_unfused_per_rep": [round(x["tokens_per_s"] / y["tokens_per_s"], 3)
+                                                   for x, y in zip(runs["instructkit"], runs["instructkit_unfused"])],
+                "ratio_unfused_vs_trl_tokens_per_s": un["tokens_per_s"] / tr["tokens_per_s"],
+                "first_step_loss_fused_vs_unfused_abs_diff": abs(ik["first_step_loss"] - un["first_step_loss"]),
+            })
     ceiling_after = matmul_gflops(a.threads)
     ceiling = max(ceiling_before, ceiling_after)
     for res in results:
-        for side in ("instructkit", "trl"):
+        for side in [k for k in ("instructkit", "trl", "instructkit_unfused") if k in res]:
             res[side]["mfu"] = 6 * res["params"] * res[side]["tokens_per_s"] / (ceiling * 1e9)
     summary = {
         "benchmark": "sft_vs_trl", "command": "HF_HUB_OFFLINE=1 python bench/sft_vs_trl.py" +
-        (" --quick" if a.quick else "") + (f" --configs {a.configs}" if a.configs != ",".join(CONFIGS) else ""),
+        (" --quick" if a.quick else "") + (f" --configs {a.configs}" if a.configs != ",".join(CONFIGS) else "") +
+        (f" --sides {a.sides}" if a.sides != "instructkit,trl" else "") + (f" --reps {a.reps}" if a.reps else "") +
+        (f" --threads {a.threads}" if a.threads != 2 else "") + (f" --steps {a.steps}" if a.steps else ""),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
         "threads": a.threads, "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "matmul_gflops_before": ceiling_before, "matmul_gflops_after": ceiling_after, "matmul_ceiling_gflops": ceiling,
@@ -400,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{'config':18} {'side':12} {'tok/s':>8} {'sup tok/s':>9} {'peak MiB':>9} {'MFU':>6} {'first loss':>11}")
     for res in results:
-        for side in ("instructkit", "trl"):
+        for side in [k for k in ("instructkit", "trl", "instructkit_unfused") if k in res]:
             s = res[side]
             print(f"{res['config']:18} {side:12} {s['tokens_per_s']:8.1f} {s['supervised_tokens_per_s']:9.1f} "
                   f"{s['peak_rss_mib']:9.0f} {s['mfu']:6.3f} {s['first_step_loss']:11.6f}")
@@ -408,17 +444,22 @@ def main(argv: list[str] | None = None) -> int:
               f"(per CPU-s {res['ratio_tokens_per_cpu_s']:.2f}) "
               f"{res['ratio_supervised_tokens_per_s']:9.2f} {res['ratio_peak_rss']:9.2f} {'':6} "
               f"|d|={res['first_step_loss_abs_diff']:.2e}")
+        if "instructkit_unfused" in res:
+            print(f"{res['config']:18} {'fused/unfused':12} {res['ratio_fused_vs_unfused_tokens_per_s']:8.2f} "
+                  f"(per CPU-s {res['ratio_fused_vs_unfused_tokens_per_cpu_s']:.2f}; per rep "
+                  f"{res['ratio_fused_vs_unfused_per_rep']}) "
+                  f"|d|={res['first_step_loss_fused_vs_unfused_abs_diff']:.2e}")
     print(f"matmul ceiling {ceiling:.1f} GFLOP/s; load average {load_before} -> {summary['load_average_after']}")
     if not a.quick:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        # one object per configuration; a run of some configurations keeps the others' latest objects
+        # one object per (configuration, threads); a run of some configurations keeps the others' latest objects
         for res in results:
             for k in ("command", "date_utc", "seconds", "threads", "matmul_gflops_before", "matmul_gflops_after",
                       "matmul_ceiling_gflops", "versions", "data"):
                 res[k] = summary[k]
         old = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
-        done = {r["config"] for r in results}
-        merged = [r for r in old.get("configs", []) if r.get("config") not in done] + results
+        done = {(r["config"], r["threads"]) for r in results}
+        merged = [r for r in old.get("configs", []) if (r.get("config"), r.get("threads", 2)) not in done] + results
         Path(a.out).write_text(json.dumps({"benchmark": "sft_vs_trl", "configs": merged}, indent=1))
         log(f"wrote {a.out}")
     else:

@@ -2,7 +2,7 @@
 
 `instructkit sft --config configs/tiny_sft.yaml [key.sub=value ...]`. The mechanics (exact gradient accumulation,
 schedule, clipping, non-finite guard, data parallelism) are training/loop.py's; atomic checkpoints and exact resume are
-training/checkpoint.py's; the loss (output layer only at supervised positions) is losses.sft_loss.
+training/checkpoint.py's; the loss (output layer only at supervised positions) is losses.sft_loss_fused.
 
 Outputs in ``<train.output_dir>/<train.run_name>/``: config.yaml (resolved), data_stats.json, metrics.jsonl,
 samples.jsonl, checkpoints/ (step-N + latest), final/ (a plain transformers model folder, or a peft adapter folder for
@@ -87,13 +87,14 @@ def data_fingerprint(samples: list[Sample]) -> str:
 # loss
 # ---------------------------------------------------------------------------------------------------------------------
 def sft_batch_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed loss, supervised tokens) of a packed micro-batch; the output layer sees only supervised positions."""
-    from instructkit.losses import sft_loss
+    """(summed loss, supervised tokens) of a packed micro-batch; the output layer sees only supervised positions, and
+    its gradient is computed in the forward pass (losses.sft_loss_fused: same loss, a third fewer output-layer FLOPs)."""
+    from instructkit.losses import sft_loss_fused
     from instructkit.models.load import causal_lm_parts, packed_hidden_states
 
     hidden = packed_hidden_states(model, batch)  # (B, T, H)
     _, head, softcap = causal_lm_parts(model)
-    return sft_loss(hidden, batch["labels"], head, softcap)
+    return sft_loss_fused(hidden, batch["labels"], head, softcap)
 
 
 def count_supervised(batch) -> int:
