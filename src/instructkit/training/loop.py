@@ -131,10 +131,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    # fused: one elementwise kernel per tensor, so the arithmetic does not depend on how parameters are grouped (resume
-    # and DDP compare bit for bit); measured on CPU for 16M parameters: 19 ms per step against 97 ms (foreach=False)
-    # and 82 ms (foreach=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+    # foreach=False: identical arithmetic whatever the parameter grouping (resume and DDP compare bit for bit)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
