@@ -310,9 +310,11 @@ class RewardModelConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Train a LoRA adapter plus the score head instead of all weights (merged into the saved model)."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Preference data (any preference format; records with a "ranking" of K responses give all K-choose-2 pairs)."""
+    """Preference data (any preference format; a `ranked` or `oasst_ranked` record of K responses gives all
+    K-choose-2 pairs, trained as one group: each response forwarded once, the group's pairs averaged)."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation, checkpoints, logging; micro_batch_size counts pairs (pack is ignored)."""
+    """Optimisation, checkpoints, logging; micro_batch_size counts groups (a plain pair is a group of one pair; a
+    ranking of K responses is one group of K-choose-2 pairs); pack is ignored."""
     use_margin: bool = False
     """Use a pair's `margin` (preference strength) in the loss: -log sigmoid(r_c - r_r - margin) (Llama 2)."""
     normalize: bool = True

@@ -24,6 +24,10 @@ preference             ``prompt``, ``chosen``, ``rejected`` as strings or messag
                        also the internal preference JSONL
 sharegpt_preference    LLaMA-Factory DPO: ``conversations`` + ``chosen``/``rejected`` ``{from, value}`` objects
 hh_rlhf                Anthropic HH-RLHF: ``chosen``/``rejected`` transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..."
+ranked                 K ranked responses: ``prompt`` + ``responses`` (best first) or ``completions: [{response,
+                       score | rank}]``; one record -> all K-choose-2 pairs with meta ``group`` and ``ranks``
+oasst_ranked           an oasst trees-export record (one whole tree, nested ``replies``): each prompter message with
+                       2+ ranked assistant replies -> its ranked pairs (the flat oasst format gives conversations)
 =====================  ==============================================================================================
 """
 
@@ -465,6 +469,169 @@ def from_hh_rlhf(record: Any) -> list[Example]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Ranked responses (InstructGPT's reward-model data): K responses to one prompt -> every K-choose-2 comparison.
+# ---------------------------------------------------------------------------------------------------------------------
+
+RANKED_TEXT_KEYS = ("response", "text", "content")
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value in (float("inf"), float("-inf")):
+        raise DataError(f"{what} must be a finite number, got {_short(value)}")
+    return float(value)
+
+
+def ranked_group_id(prompt: list[Message], responses: list[list[Message]]) -> str:
+    """A stable id of a ranked record, from its content: adapters never see a file, and the id must survive
+    ``data convert`` / mixing (which renumber lines), so it cannot be source:line."""
+    import hashlib
+    import json
+
+    # ASCII JSON: a lone surrogate (valid in a JSON string escape) cannot break the encoding
+    blob = json.dumps([[m.to_dict() for m in prompt], [[m.to_dict() for m in r] for r in responses]], sort_keys=True)
+    return "ranked:" + hashlib.sha1(blob.encode("ascii")).hexdigest()[:16]
+
+
+def _ranked_completions(items: list) -> tuple[list[list[Message]], list[float]]:
+    """The scored variant: ``[{"response"|"text"|"content": ..., "score"|"rank": n}]`` -> responses and a goodness per
+    response (the score, or minus the rank: rank 0 is best)."""
+    responses, goodness, kinds = [], [], set()
+    for i, c in enumerate(items):
+        what = f"completions[{i}]"
+        if not isinstance(c, dict):
+            raise DataError(f"{what} must be an object with a response and a 'score' or 'rank', got {_typename(c)}")
+        text_key = next((k for k in RANKED_TEXT_KEYS if k in c), None)
+        if text_key is None:
+            raise DataError(f"{what} has none of the fields {', '.join(map(repr, RANKED_TEXT_KEYS))}")
+        kind = [k for k in ("score", "rank") if k in c]
+        if len(kind) != 1:
+            raise DataError(f"{what} must have exactly one of 'score' (higher is better) or 'rank' (0 is best)")
+        kinds.add(kind[0])
+        value = _finite(c[kind[0]], f"{what}.{kind[0]}")
+        responses.append(_text_or_messages(c[text_key], f"{what}.{text_key}", "assistant"))
+        goodness.append(value if kind[0] == "score" else -value)
+    if len(kinds) > 1:
+        raise DataError("completions mix 'score' and 'rank': use one of them for every completion")
+    return responses, goodness
+
+
+def from_ranked(record: Any) -> list[Example]:
+    """K ranked responses to one prompt -> all K-choose-2 (better, worse) PreferencePairs (InstructGPT, Ouyang et al.
+    2022, sec. 3.5), in best-first order: (0,1), (0,2), ..., (K-2,K-1) for a strict ranking.
+
+    ``responses`` lists the responses best first; ``completions`` carries a ``score`` (higher is better) or a
+    ``rank`` (0 is best) per response, and tied responses give no pair. Each pair's meta has ``group`` (a content id
+    shared by the record's pairs: the reward model regroups them to forward each response once) and ``ranks`` =
+    [i, j], the positions of the better and the worse response in the record's list.
+    """
+    r = _require_object(record, "ranked")
+    if r.get("prompt") is None:
+        raise DataError("missing field 'prompt'")
+    prompt = _with_system(r, _text_or_messages(r["prompt"], "prompt", "user"))
+    if ("responses" in r) == ("completions" in r):
+        raise DataError("a ranked record needs exactly one of 'responses' (best first) or 'completions' (scored)")
+    if "responses" in r:
+        key = "responses"
+        responses = [_text_or_messages(v, f"responses[{i}]", "assistant")
+                     for i, v in enumerate(_get_list(r, "responses"))]
+        goodness = [-float(i) for i in range(len(responses))]
+    else:
+        key = "completions"
+        responses, goodness = _ranked_completions(_get_list(r, "completions"))
+    if len(responses) < 2:
+        raise DataError(f"field '{key}' needs at least 2 responses to rank, got {len(responses)}")
+    meta = r.get("meta") if isinstance(r.get("meta"), dict) else {}
+    meta = dict(meta, **_scalar_meta(r, ("id",)), group=ranked_group_id(prompt, responses))
+    return ranked_pairs(prompt, responses, goodness, meta, key)
+
+
+def ranked_pairs(prompt: list[Message], responses: list[list[Message]], goodness: list[float], meta: dict[str, Any],
+                 what: str = "responses", positions: list[int] | None = None) -> list[PreferencePair]:
+    """Every (better, worse) pair of ``responses`` to ``prompt`` by ``goodness`` (higher is better; ties give no
+    pair), best first, each with ``meta`` plus ``ranks`` = [i, j] (``positions`` of the two, default their indices).
+    Errors name ``what[i]``: an empty or invalid response, identical responses ranked differently, all tied."""
+    pos = positions if positions is not None else list(range(len(responses)))
+    validate_messages(prompt, require_assistant=False, final=None, what="prompt")
+    for i, resp in enumerate(responses):
+        if not resp:
+            raise DataError(f"{what}[{pos[i]}] is empty")
+        validate_messages(prompt + resp, what=f"{what}[{pos[i]}]")
+    seen: dict[tuple, int] = {}
+    for i, resp in enumerate(responses):
+        j = seen.setdefault(tuple(resp), i)
+        if j != i and goodness[i] != goodness[j]:
+            raise DataError(f"{what}[{pos[j]}] and {what}[{pos[i]}] are identical but ranked differently")
+    if len(set(goodness)) == 1:
+        raise DataError(f"all {len(responses)} responses are tied: no comparison to learn from")
+    order = sorted(range(len(responses)), key=lambda i: (-goodness[i], i))  # best first; ties keep list order
+    pairs = []
+    for a, i in enumerate(order):
+        for j in order[a + 1:]:
+            if goodness[i] == goodness[j]:
+                continue  # a tie says nothing about which is better
+            pairs.append(_pair(prompt, responses[i], responses[j], dict(meta, ranks=[pos[i], pos[j]])))
+    return pairs
+
+
+def from_oasst_ranked(record: Any) -> list[Example]:
+    """One OpenAssistant message tree (the oasst "trees" export: ``{"message_tree_id", "prompt": {root message with
+    nested "replies"}}``) -> ranked pairs: every prompter message with 2 or more ranked assistant replies is a group
+    (prompt = the path from the root to it; replies ordered by ``rank``, 0 best; unranked and deleted replies left
+    out). ``meta["group"]`` is "oasst:<tree id>:<prompter message id>", ``ranks`` the positions in ``replies``.
+    A tree without such a message gives no pairs (a record kept with 0 examples)."""
+    r = _require_object(record, "oasst_ranked")
+    root = r.get("prompt")
+    if not isinstance(root, dict):
+        raise DataError(f"field 'prompt' must be the tree's root message object, got {_typename(root)}")
+    tree_id = r.get("message_tree_id", root.get("message_id"))
+    if not isinstance(tree_id, str):
+        raise DataError(f"field 'message_tree_id' must be a string, got {_typename(tree_id)}")
+    out: list[Example] = []
+    # Iterative, and each node keeps only a link to its parent's (message, link): deep trees cost O(nodes).
+    stack: list[tuple[Any, Any, str]] = [(root, None, "prompt")]
+    while stack:
+        node, parent, what = stack.pop()
+        if not isinstance(node, dict):
+            raise DataError(f"{what} must be a message object, got {_typename(node)}")
+        if node.get("deleted") is True:
+            continue
+        role = OASST_ROLES.get(node.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise DataError(f"{what}: unknown role {_short(node.get('role'))} (expected prompter or assistant)")
+        if role == (parent[0].role if parent else "assistant"):
+            raise DataError(f"{what}: roles out of order: '{role}' after '{parent[0].role if parent else 'start'}'")
+        text = node.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"{what}.text must be a string, got {_typename(text)}")
+        replies = node.get("replies")
+        replies = [] if replies is None else replies  # the export writes "replies": null on leaves
+        if not isinstance(replies, list):
+            raise DataError(f"{what}.replies must be a list, got {_typename(replies)}")
+        link = (Message(role, text), parent)
+        if role == "user":
+            ranked = [(i, c) for i, c in enumerate(replies) if isinstance(c, dict) and c.get("rank") is not None
+                      and c.get("deleted") is not True]
+            ranks = [_finite(c["rank"], f"{what}.replies[{i}].rank") for i, c in ranked]
+            if len(ranked) >= 2 and len(set(ranks)) > 1:
+                for i, c in ranked:
+                    if OASST_ROLES.get(c.get("role")) != "assistant" or not isinstance(c.get("text"), str):
+                        raise DataError(f"{what}.replies[{i}]: a ranked reply to a prompter must be an assistant text")
+                msgs, at = [], link
+                while at is not None:
+                    msgs.append(at[0])
+                    at = at[1]
+                msgs.reverse()
+                mid = node.get("message_id")
+                meta = {"message_tree_id": tree_id, "group": f"oasst:{tree_id}:{mid if isinstance(mid, str) else what}"}
+                out += ranked_pairs(msgs, [[Message("assistant", c["text"])] for _, c in ranked], [-x for x in ranks],
+                                    meta, f"{what}.replies", [i for i, _ in ranked])
+        for i in range(len(replies) - 1, -1, -1):
+            stack.append((replies[i], link, f"{what}.replies[{i}]"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # oasst: a file of messages is a forest; conversations are root-to-leaf paths.
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -623,9 +790,11 @@ FORMATS: dict[str, Adapter] = {
     "preference": from_preference,
     "sharegpt_preference": from_sharegpt_preference,
     "hh_rlhf": from_hh_rlhf,
+    "ranked": from_ranked,
+    "oasst_ranked": from_oasst_ranked,
 }
 
-PREFERENCE_FORMATS = frozenset({"preference", "sharegpt_preference", "hh_rlhf"})
+PREFERENCE_FORMATS = frozenset({"preference", "sharegpt_preference", "hh_rlhf", "ranked", "oasst_ranked"})
 
 ALIASES = {
     "openai": "messages",
@@ -641,6 +810,9 @@ ALIASES = {
     "self_instruct_seed": "self_instruct",
     "seed_tasks": "self_instruct",
     "prompts": "prompt_only",
+    "ranking": "ranked",
+    "kwise": "ranked",
+    "oasst_trees": "oasst_ranked",
 }
 
 
@@ -680,6 +852,10 @@ def detect_format(record: Any) -> str:
         return "dolly"
     if {"inputs", "targets"} <= keys:
         return "flan"
+    if "prompt" in keys and ("responses" in keys or "completions" in keys):
+        return "ranked"
+    if isinstance(record.get("prompt"), dict) and "replies" in record["prompt"]:
+        return "oasst_ranked"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
     if "prompt" in keys:

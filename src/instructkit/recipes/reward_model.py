@@ -1,8 +1,24 @@
-"""Reward model: a backbone plus a scalar head, trained with the pairwise (Bradley-Terry) loss on preference pairs.
+"""Reward model: a backbone plus a scalar head, trained with the pairwise (Bradley-Terry) loss on preference pairs
+and on K-wise rankings.
 
-Phases: config -> data (pairs rendered with the chat template) -> model (``*ForSequenceClassification`` with one label;
-full or LoRA) -> loop (training/loop.py: exact accumulation over pairs, schedule, clipping, non-finite guard, metrics;
-training/checkpoint.py: atomic checkpoints and exact resume) -> held-out accuracy -> reward normalisation -> save.
+Phases: config -> data (pairs regrouped by prompt, rendered with the chat template) -> model
+(``*ForSequenceClassification`` with one label; full or LoRA) -> loop (training/loop.py: exact accumulation over
+groups, schedule, clipping, non-finite guard, metrics; training/checkpoint.py: atomic checkpoints and exact resume) ->
+held-out accuracy -> reward normalisation -> save.
+
+Groups (InstructGPT, Ouyang et al. 2022, sec. 3.5). A ranking of K responses to one prompt (the ``ranked`` format)
+arrives as its K-choose-2 pairs sharing ``meta["group"]``; they are regrouped into one group: the prompt, its K
+distinct responses and the (better, worse) pairs among them. A plain pair is a group of 2 responses and 1 pair. The
+unit of training is the group: the StepPlan samples groups (``train.micro_batch_size`` counts groups), a micro-batch
+forwards each distinct response of its groups once (sum_g K_g rows, not 2 * sum_g C(K_g, 2)), and the validation split
+is by group, so no ranking is on both sides. The loss of an optimizer step over the groups G of all its micro-batches:
+
+    loss = 1/|G| * sum_{g in G} 1/|P_g| * sum_{(b, w) in P_g} -log sigmoid(r_b - r_w - m_bw)
+
+each prompt weighs the same however many comparisons it has (InstructGPT eq. 1 has 1/C(K,2) per prompt; P_g is the
+pairs left after ties and truncation; m is the optional margin). Each micro-batch returns its sum over groups and the
+loop divides by |G| of the whole step, so accumulation is exact. With only plain pairs this is the mean pairwise loss
+over pairs, as before groups existed. Held-out and logged accuracies count pairs.
 
 The score is read at the last token of prompt + response (the end-of-turn token). The saved folder is a plain
 transformers sequence-classification model (``AutoModelForSequenceClassification`` loads it) with the training-set
@@ -13,16 +29,19 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from instructkit.config import RewardModelConfig, to_dict
 from instructkit.losses import pairwise_reward_loss
 from instructkit.models.value_head import backbone_and_score, load_sequence_classifier, save_reward_model, \
     sequence_scores
-from instructkit.rl.rollout import EncodedPair, encode_pairs, prompt_response_batch, split_validation
+from instructkit.rl.rollout import EncodedGroup, EncodedPair, encode_groups, group_pairs, prompt_response_batch, \
+    split_validation
 
 log = logging.getLogger(__name__)
 
@@ -63,34 +82,136 @@ def build_model(cfg: RewardModelConfig, run_dir: Path):
     return model, tok
 
 
+def group_batch(groups: list[EncodedGroup], pad_id: int) -> dict[str, Any]:
+    """Each distinct response of ``groups`` once, in the prompt/response layout (sum_g K_g rows), and the comparisons
+    as row indices: better, worse, margin, pair_weight = 1/|P_g| (N,) over the N pairs, in group order.
+
+    Rows are ordered by response slot, then group: the first response of every group, then the second, ... For plain
+    pairs that is all chosen rows then all rejected rows, ``pair_batch``'s layout, so the pair path's floating-point
+    sums (and its losses, bit for bit) are what they were before groups existed."""
+    slots = max((len(g.responses) for g in groups), default=0)
+    row: dict[tuple[int, int], int] = {}  # (group, response) -> row
+    prompts: list[list[int]] = []
+    responses: list[list[int]] = []
+    for k in range(slots):
+        for gi, g in enumerate(groups):
+            if k < len(g.responses):
+                row[gi, k] = len(responses)
+                prompts.append(g.prompt)
+                responses.append(g.responses[k])
+    better: list[int] = []
+    worse: list[int] = []
+    margins: list[float] = []
+    weights: list[float] = []
+    for gi, g in enumerate(groups):
+        weights += [1.0 / len(g.pairs)] * len(g.pairs)
+        better += [row[gi, b] for b, _ in g.pairs]
+        worse += [row[gi, w] for _, w in g.pairs]
+        margins += g.margins
+    batch = prompt_response_batch(prompts, responses, pad_id)
+    batch.update(better=torch.tensor(better, dtype=torch.long), worse=torch.tensor(worse, dtype=torch.long),
+                 margin=torch.tensor(margins, dtype=torch.float32), n=len(groups),
+                 pair_weight=torch.tensor(weights, dtype=torch.float64),  # cast to the rewards' dtype in group_loss
+                 n_pairs=len(better))
+    return batch
+
+
+def group_rewards(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(better, worse) raw rewards of every pair of the batch, each (N,); the model runs once per distinct response."""
+    r = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (rows,)
+    return r[batch["better"]], r[batch["worse"]]
+
+
+def group_loss(better: torch.Tensor, worse: torch.Tensor, batch: dict[str, Any], use_margin: bool = False
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum over the batch's groups of each group's mean pairwise loss (the module docstring's equation before the
+    division by the step's group count), and pair-level metric sums (accuracy, reward_margin, chosen_reward,
+    rejected_reward; divide by the pair count).
+
+        sum_g 1/|P_g| sum_{p in P_g} l_p  =  N * mean_p (w_p l_p),   w_p = 1/|P_g(p)|,  l_p = -log sigmoid(d_p - m_p)
+
+    written as ``pairwise_reward_loss``'s mean times N so that plain pairs (w = 1) give its numbers bit for bit. Not
+    ``losses.kwise_reward_loss``: that pools the pairs of a (P, K) strict ranking, while a group's pairs may be a
+    partial order (ties, pairs dropped by truncation) and each group must weigh the same.
+    Shapes: better, worse (N,) rewards of the N pairs."""
+    diff = better - worse  # (N,)
+    shifted = diff - batch["margin"].to(diff.dtype) if use_margin else diff
+    weight = batch["pair_weight"].to(diff.dtype)  # (N,)
+    n = diff.numel()
+    loss = (-F.logsigmoid(shifted) * weight).mean() * n
+    _, metrics = pairwise_reward_loss(better.detach(), worse.detach())
+    return loss, {k: v.item() * n for k, v in metrics.items()}
+
+
+def micro_batch_loss(model, batch: dict[str, Any], use_margin: bool = False, sink: list | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """training/loop.py's loss function: (sum over the micro-batch's groups of their mean pair loss, group count);
+    the loop divides by the step's group count. The metric sums go to ``sink``."""
+    better, worse = group_rewards(model, batch)
+    loss, sums = group_loss(better, worse, batch, use_margin)
+    if sink is not None:
+        sink.append(sums)
+    return loss, torch.tensor(batch["n"])
+
+
+def row_chunks(groups: list[EncodedGroup], max_rows: int = 32) -> list[list[EncodedGroup]]:
+    """Consecutive groups in chunks of at most ``max_rows`` responses (a larger group is a chunk alone)."""
+    chunks: list[list[EncodedGroup]] = []
+    rows = 0
+    for g in groups:
+        if not chunks or rows + len(g.responses) > max_rows:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(g)
+        rows += len(g.responses)
+    return chunks
+
+
 @torch.no_grad()
-def evaluate_pairs(model, items: list[EncodedPair], pad_id: int, batch_size: int = 16) -> dict[str, float]:
-    """Held-out pairwise loss, accuracy and mean margin."""
+def evaluate_groups(model, groups: list[EncodedGroup], pad_id: int, max_rows: int = 32) -> dict[str, float]:
+    """Held-out pairwise loss (mean over pairs), accuracy (fraction of pairs ordered correctly) and mean margin."""
     was = model.training
     model.eval()
-    chosen, rejected = [], []
-    for i in range(0, len(items), batch_size):
-        c, r = pair_scores(model, pair_batch(items[i:i + batch_size], pad_id))
-        chosen.append(c)
-        rejected.append(r)
+    better, worse = [], []
+    for chunk in row_chunks(groups, max_rows):
+        b, w = group_rewards(model, group_batch(chunk, pad_id))
+        better.append(b)
+        worse.append(w)
     model.train(was)
-    if not chosen:
+    if not better:
         return {}
-    loss, m = pairwise_reward_loss(torch.cat(chosen), torch.cat(rejected))
+    loss, m = pairwise_reward_loss(torch.cat(better), torch.cat(worse))
     return {"eval_loss": loss.item(), "eval_accuracy": m["accuracy"].item(), "eval_margin": m["reward_margin"].item(),
-            "eval_pairs": len(items)}
+            "eval_pairs": sum(len(g.pairs) for g in groups), "eval_groups": len(groups)}
 
 
 @torch.no_grad()
-def reward_statistics(model, items: list[EncodedPair], pad_id: int, batch_size: int = 16) -> tuple[float, float]:
-    """Mean and std of the raw rewards of every training response (chosen and rejected)."""
+def reward_statistics(model, groups: list[EncodedGroup], pad_id: int, max_rows: int = 32) -> tuple[float, float]:
+    """Mean and std of the raw rewards of every distinct training response (each response of each group once)."""
     model.eval()
     scores = []
-    for i in range(0, len(items), batch_size):
-        c, r = pair_scores(model, pair_batch(items[i:i + batch_size], pad_id))
-        scores += [c, r]
+    for chunk in row_chunks(groups, max_rows):
+        batch = group_batch(chunk, pad_id)
+        scores.append(sequence_scores(model, batch["input_ids"], batch["attention_mask"]))
     s = torch.cat(scores)
     return s.mean().item(), (s.std().item() if s.numel() > 1 else 1.0) or 1.0
+
+
+def split_groups(pairs: list, data_cfg, run_dir) -> tuple[list[list], list[list], dict[str, Any]]:
+    """(train groups, validation groups, read stats): pairs regrouped (rollout.group_pairs), then the validation split
+    draws whole groups (or the groups of the ``data.validation`` sources)."""
+    train, val, stats = split_validation(group_pairs(pairs), data_cfg, run_dir)
+    if data_cfg.validation:
+        val = group_pairs(val)  # read from the validation sources: pairs, not yet grouped
+    return train, val, stats
+
+
+def shared_groups(train: list[list], val: list[list]) -> int:
+    """How many group ids are on both sides (only possible with separate validation sources that repeat a ranking)."""
+    def ids(side: list[list]) -> set:
+        return {p.meta["group"] for g in side for p in g if (p.meta or {}).get("group") is not None}
+
+    return len(ids(train) & ids(val))
 
 
 def main(cfg: RewardModelConfig) -> dict[str, Any]:
@@ -113,19 +234,25 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
     from instructkit.rl.rollout import read_sources
 
     pairs, read_stats = read_sources(cfg.data, cfg.data.sources, run_dir, expect="preference")
-    train_pairs, val_pairs, vstats = split_validation(pairs, cfg.data, run_dir)
+    train_groups, val_groups, vstats = split_groups(pairs, cfg.data, run_dir)
     read_stats.update(vstats)
-    train_items, dropped = encode_pairs(renderer, train_pairs, cfg.data.max_length)
-    val_items, val_dropped = encode_pairs(renderer, val_pairs, cfg.data.max_length)
+    overlap = shared_groups(train_groups, val_groups)
+    if overlap:
+        log.warning("%d ranked groups are in both the training and the validation data", overlap)
+    train_items, dropped = encode_groups(renderer, train_groups, cfg.data.max_length)
+    val_items, val_dropped = encode_groups(renderer, val_groups, cfg.data.max_length)
     if not cfg.use_margin:
         for it in train_items:
-            it.margin = 0.0
+            it.margins = [0.0] * len(it.margins)
     if not train_items:
         from instructkit.data.schema import DataError
 
         raise DataError(f"no usable training pairs (dropped: {dropped})")
+    n_train_pairs = sum(len(g.pairs) for g in train_items)
     (run_dir / "data_stats.json").write_text(json.dumps(
-        {"read": read_stats, "train_pairs": len(train_items), "validation_pairs": len(val_items),
+        {"read": read_stats, "train_pairs": n_train_pairs, "validation_pairs": sum(len(g.pairs) for g in val_items),
+         "train_groups": len(train_items), "validation_groups": len(val_items),
+         "train_responses": sum(len(g.responses) for g in train_items), "groups_in_train_and_validation": overlap,
          "dropped_train": dropped, "dropped_validation": val_dropped}, indent=1))
 
     # -- loop
@@ -144,26 +271,20 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
 
     step_metrics: list[dict[str, float]] = []
 
-    def loss_fn(m, batch):
-        chosen, rejected = pair_scores(m, batch)
-        margin = batch["margin"] if cfg.use_margin else None
-        loss, metrics = pairwise_reward_loss(chosen, rejected, margin)
-        step_metrics.append({k: v.item() * batch["n"] for k, v in metrics.items()})
-        return loss * batch["n"], torch.tensor(batch["n"])
-
+    loss_fn = partial(micro_batch_loss, use_margin=cfg.use_margin, sink=step_metrics)
     model.train()
     while step < total:
-        mbs = [pair_batch([train_items[i] for i in rows], pad_id) for rows in plan.micro_batches(step)]
+        mbs = [group_batch([train_items[i] for i in rows], pad_id) for rows in plan.micro_batches(step)]
         step_metrics.clear()
         res = optimizer_step(model, optimizer, scheduler, mbs, loss_fn, lambda b: b["n"],
                              max_grad_norm=cfg.train.max_grad_norm, step=step)
         step += 1
         rec = step_record(step, res, plan.position(step - 1)[0])
-        n = sum(b["n"] for b in mbs)
+        n = sum(b["n_pairs"] for b in mbs)
         for key in ("accuracy", "reward_margin", "chosen_reward", "rejected_reward"):
             rec[key] = sum(sm[key] for sm in step_metrics) / max(n, 1)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and val_items:
-            rec.update(evaluate_pairs(model, val_items, pad_id))
+            rec.update(evaluate_groups(model, val_items, pad_id))
         if step % max(cfg.train.log_every, 1) == 0 or step == total:
             logger.log(rec)
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total:
@@ -171,8 +292,8 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
                             to_dict(cfg), keep=cfg.train.keep_checkpoints)
 
     # -- held-out accuracy, normalisation, save
-    result: dict[str, Any] = {"steps": step, "train_pairs": len(train_items)}
-    result.update(evaluate_pairs(model, val_items, pad_id))
+    result: dict[str, Any] = {"steps": step, "train_pairs": n_train_pairs, "train_groups": len(train_items)}
+    result.update(evaluate_groups(model, val_items, pad_id))
     mean, std = reward_statistics(model, train_items, pad_id) if cfg.normalize else (0.0, 1.0)
     result.update({"reward_mean": mean, "reward_std": std})
     logger.log({"step": step, **{k: v for k, v in result.items() if k != "steps"}})

@@ -164,6 +164,74 @@ def encode_pairs(renderer, pairs, max_length: int | None = None) -> tuple[list[E
     return out, dropped
 
 
+@dataclass
+class EncodedGroup:
+    """Responses to one prompt as token ids, each once, and the comparisons among them (a ranking of K responses
+    is one group of K responses and up to K-choose-2 pairs; a plain preference pair is a group of 2 and 1 pair)."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+    pairs: list[tuple[int, int]]  # (better, worse) indices into ``responses``
+    margins: list[float]  # one per pair
+
+
+def group_pairs(pairs) -> list[list]:
+    """PreferencePairs -> groups (lists of pairs), in order of first appearance.
+
+    Pairs with the same ``meta["group"]`` (the ranked format sets it) and the same prompt are one group; a pair
+    without a group is a group of its own. Keying on the prompt too keeps a reused group id from merging prompts."""
+    groups: dict[Any, list] = {}
+    for k, pair in enumerate(pairs):
+        gid = (pair.meta or {}).get("group")
+        key = ("pair", k) if gid is None else ("group", str(gid), tuple(pair.prompt))
+        groups.setdefault(key, []).append(pair)
+    return list(groups.values())
+
+
+def encode_groups(renderer, groups, max_length: int | None = None) -> tuple[list[EncodedGroup], dict[str, int]]:
+    """Encode groups of PreferencePairs (``group_pairs``); each distinct response is rendered once per group.
+
+    Dropped pairs are counted by reason as in ``encode_pairs`` (too_long, identical), plus ``duplicate`` for a pair
+    repeated in its group; a group with no pair left is dropped. For groups of one pair this keeps exactly the
+    pairs ``encode_pairs`` keeps."""
+    out: list[EncodedGroup] = []
+    dropped = {"too_long": 0, "identical": 0, "duplicate": 0}
+    for group in groups:
+        cache: dict[tuple, Any] = {}
+
+        def enc(pair, side):
+            key = tuple(side)
+            if key not in cache:
+                cache[key] = encode_response(renderer, pair.prompt, side, max_length)
+            return cache[key]
+
+        prompt_ids: list[int] | None = None
+        index: dict[tuple[int, ...], int] = {}  # response ids -> row in the group (insertion order)
+        pairs: list[tuple[int, int]] = []
+        margins: list[float] = []
+        seen: set[tuple[int, int]] = set()
+        for pair in group:
+            c, r = enc(pair, pair.chosen), enc(pair, pair.rejected)
+            if c is None or r is None:
+                dropped["too_long"] += 1
+                continue
+            if c[1] == r[1]:  # no preference signal left (identical, or identical after truncation)
+                dropped["identical"] += 1
+                continue
+            prompt_ids = c[0]
+            b = index.setdefault(tuple(c[1]), len(index))
+            w = index.setdefault(tuple(r[1]), len(index))
+            if (b, w) in seen:
+                dropped["duplicate"] += 1
+                continue
+            seen.add((b, w))
+            pairs.append((b, w))
+            margins.append(float(pair.margin or 0.0))
+        if pairs:
+            out.append(EncodedGroup(prompt_ids, [list(x) for x in index], pairs, margins))
+    return out, dropped
+
+
 def prompt_messages_of(example) -> list:
     """The prompt of a Conversation (every turn before the last assistant turn) or of a PreferencePair."""
     if hasattr(example, "prompt"):
