@@ -8,7 +8,12 @@ kept lean:
 
 - prompts are left-padded into one batch; position ids are ``cumsum(mask) - 1`` exactly as transformers computes them,
   and the 2-D attention mask is handed to the model, which builds its own causal mask (sliding windows included);
-- the prompt is run once (prefill) into a transformers ``DynamicCache``; every later step feeds one token per row;
+- the prompt is run once (prefill) through the model's forward into a transformers ``DynamicCache``; every later step
+  feeds one token per row. For Llama-family and Gemma 3 models those steps run through ``fast_decode.FastDecoder``
+  (preallocated key/value buffers written in place, fused q/k/v and gate/up matmuls, MKL-packed weights where they
+  are bit-identical, no per-step mask building or output objects): the same float operations in the same order, so
+  the logits are bit-identical to the forward's and greedy outputs stay token-identical to ``generate``. Other models
+  (and ``fast=False``) use the model's forward every step;
 - only the last position goes through the output layer (``logits_to_keep=1``), which matters for Gemma's 262k-row
   output layer, and keeps the model's own final-logit soft-capping;
 - rows that finish are dropped from the batch (``DynamicCache.batch_select_indices``) once enough of them have finished
@@ -103,12 +108,14 @@ class Engine:
     processed together; larger requests are split into length-sorted batches (outputs keep the request order).
     """
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 32, template: str = "auto"):
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 32, template: str = "auto", fast: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.template = template
         self.prune_finished = True  # drop finished rows from the batch (see the module docstring)
+        # the lean decode step of fast_decode.py for the models it supports (others, and fast=False, use the forward)
+        self.fast = fast
         self._renderer = None
         pad = tokenizer.pad_token_id
         if pad is None:
@@ -280,14 +287,23 @@ class Engine:
 
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=model.config)
         active = list(range(B))  # indices into rows of the sequences still in the batch
+        cache = DynamicCache(config=model.config)
         out = model(input_ids=input_ids, attention_mask=attn if padded else None, position_ids=position_ids,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
+        logits = out.logits[:, -1, :]
+        del out
+        fast = None
+        if self.fast and params.max_new_tokens > 1:
+            from instructkit.generation.fast_decode import FastDecoder
+
+            fast = FastDecoder.build(model)
+        if fast is not None:  # the prefill's cache moves into preallocated buffers written in place
+            cache = fast.start(cache, B, max_len, max_len + params.max_new_tokens)
         last_pos = position_ids[:, -1:]
         for step in range(params.max_new_tokens):
-            logits = out.logits[:, -1, :].float()  # (b, V)
+            logits = logits.float()  # (b, V)
             V = logits.shape[-1]
             if params.repetition_penalty != 1.0:
                 if seen is None:
@@ -323,7 +339,10 @@ class Engine:
             if self.prune_finished and len(keep) < len(active) and (len(active) - len(keep)) * 4 >= len(active):
                 # drop finished rows once a quarter of the batch is done: the cache copy costs about one step
                 idx = torch.tensor(keep, dtype=torch.long, device=device)
-                cache.batch_select_indices(idx)
+                if fast is not None:
+                    cache.select(idx)
+                else:
+                    cache.batch_select_indices(idx)
                 attn = attn[idx]
                 last_pos = last_pos[idx]
                 next_tokens = next_tokens[idx]
@@ -331,9 +350,13 @@ class Engine:
             if padded:
                 attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
             last_pos = last_pos + 1
-            out = model(input_ids=next_tokens[:, None], attention_mask=attn if padded else None,
-                        position_ids=last_pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            if fast is not None:
+                logits = fast.step(cache, next_tokens, last_pos, attn if padded else None)
+            else:
+                out = model(input_ids=next_tokens[:, None], attention_mask=attn if padded else None,
+                            position_ids=last_pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                logits = out.logits[:, -1, :]
 
     @staticmethod
     def _choose(scores: torch.Tensor, params: SamplingParams, generators: list | None) -> torch.Tensor:
