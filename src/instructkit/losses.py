@@ -199,6 +199,13 @@ def _sft_chunk_loss(h: torch.Tensor, target: torch.Tensor, output_layer, logit_s
     return F.cross_entropy(logits, target, reduction="sum")
 
 
+def _supervised_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (B, T, H), labels (B, T) -> the N supervised rows of hidden (N, H) and their targets (N,)."""
+    flat_labels = labels.reshape(-1)  # (B*T,)
+    idx = (flat_labels != -100).nonzero(as_tuple=True)[0]  # (N,)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx), flat_labels.index_select(0, idx)
+
+
 def sft_loss(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
              logit_softcap: float | None = None, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross entropy over supervised positions, and how many there are.
@@ -222,14 +229,11 @@ def sft_loss(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
     optimizer step, across micro-batches and ranks (exact gradient accumulation, R4). With no supervised token the loss
     is an exact 0 that still depends on the graph (zero gradient, never NaN); the caller counts such batches (R6).
     """
-    flat_labels = labels.reshape(-1)  # (B*T,)
-    idx = (flat_labels != -100).nonzero(as_tuple=True)[0]  # (N,)
-    n = idx.numel()
+    h, target = _supervised_rows(hidden, labels)
+    n = target.numel()
     n_tokens = torch.tensor(n, device=hidden.device)
     if n == 0:
         return hidden.sum() * 0.0, n_tokens
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, H)
-    target = flat_labels.index_select(0, idx)  # (N,)
     if chunk_rows is None:
         vocab = _vocab_size(output_layer)
         chunk_rows = max(1, SFT_CHUNK_BYTES // (4 * vocab)) if vocab else 1024
@@ -326,14 +330,11 @@ def sft_loss_fused(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
              and weight.dtype.is_floating_point)
     if not plain or not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         return sft_loss(hidden, labels, output_layer, logit_softcap, chunk_rows)
-    flat_labels = labels.reshape(-1)  # (B*T,)
-    idx = (flat_labels != -100).nonzero(as_tuple=True)[0]  # (N,)
-    n = idx.numel()
+    h, target = _supervised_rows(hidden, labels)
+    n = target.numel()
     n_tokens = torch.tensor(n, device=hidden.device)
     if n == 0:
         return hidden.sum() * 0.0, n_tokens
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, H)
-    target = flat_labels.index_select(0, idx)  # (N,)
     if chunk_rows is None:
         chunk_rows = max(1, SFT_FUSED_CHUNK_BYTES // (4 * weight.shape[0]))
     return _FusedLinearCrossEntropy.apply(h, weight, target, logit_softcap, chunk_rows), n_tokens

@@ -190,7 +190,8 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
                for rows in plan.micro_batches(step)]
         step_metrics.clear()
         res = optimizer_step(policy, optimizer, scheduler, mbs, loss_fn, lambda b: b["n"],
-                             max_grad_norm=cfg.train.max_grad_norm, step=step)
+                             max_grad_norm=cfg.train.max_grad_norm, step=step,
+                             token_fn=lambda b: int(b["attention_mask"].sum()))  # units are pairs; tokens for tokens/s
         step += 1
         rec = step_record(step, res, plan.position(step - 1)[0])
         rec["pairs"] = res.units

@@ -277,7 +277,8 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
         mbs = [group_batch([train_items[i] for i in rows], pad_id) for rows in plan.micro_batches(step)]
         step_metrics.clear()
         res = optimizer_step(model, optimizer, scheduler, mbs, loss_fn, lambda b: b["n"],
-                             max_grad_norm=cfg.train.max_grad_norm, step=step)
+                             max_grad_norm=cfg.train.max_grad_norm, step=step,
+                             token_fn=lambda b: int(b["attention_mask"].sum()))  # units: groups; tokens: for tokens/s
         step += 1
         rec = step_record(step, res, plan.position(step - 1)[0])
         n = sum(b["n_pairs"] for b in mbs)

@@ -147,6 +147,17 @@ def encode_response(renderer, prompt_messages, response_messages, max_length: in
     return prompt_ids, response
 
 
+def _usable(c, r, dropped: dict[str, int]) -> bool:
+    """Whether an encoded (chosen, rejected) pair can be trained on; counts the reason in ``dropped`` if not (R6)."""
+    if c is None or r is None:
+        dropped["too_long"] += 1
+        return False
+    if c[1] == r[1]:  # no preference signal left (identical, or identical after truncation)
+        dropped["identical"] += 1
+        return False
+    return True
+
+
 def encode_pairs(renderer, pairs, max_length: int | None = None) -> tuple[list[EncodedPair], dict[str, int]]:
     """Encode PreferencePairs; returns the kept ones and counts of what was dropped, by reason (R6)."""
     out: list[EncodedPair] = []
@@ -154,11 +165,7 @@ def encode_pairs(renderer, pairs, max_length: int | None = None) -> tuple[list[E
     for pair in pairs:
         c = encode_response(renderer, pair.prompt, pair.chosen, max_length)
         r = encode_response(renderer, pair.prompt, pair.rejected, max_length)
-        if c is None or r is None:
-            dropped["too_long"] += 1
-            continue
-        if c[1] == r[1]:  # no preference signal left (identical, or identical after truncation)
-            dropped["identical"] += 1
+        if not _usable(c, r, dropped):
             continue
         out.append(EncodedPair(c[0], c[1], r[1], float(pair.margin or 0.0)))
     return out, dropped
@@ -212,11 +219,7 @@ def encode_groups(renderer, groups, max_length: int | None = None) -> tuple[list
         seen: set[tuple[int, int]] = set()
         for pair in group:
             c, r = enc(pair, pair.chosen), enc(pair, pair.rejected)
-            if c is None or r is None:
-                dropped["too_long"] += 1
-                continue
-            if c[1] == r[1]:  # no preference signal left (identical, or identical after truncation)
-                dropped["identical"] += 1
+            if not _usable(c, r, dropped):
                 continue
             prompt_ids = c[0]
             b = index.setdefault(tuple(c[1]), len(index))
