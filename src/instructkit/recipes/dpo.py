@@ -107,7 +107,7 @@ def evaluate(policy, reference: Reference, items: list[EncodedPair], ref: list |
 def main(cfg: DPOConfig) -> dict[str, Any]:
     from instructkit.chat.render import Renderer
     from instructkit.models.load import load_model_and_tokenizer, save_model
-    from instructkit.training.checkpoint import find_resume, load_checkpoint, save_checkpoint
+    from instructkit.training.checkpoint import resume_run, save_checkpoint
     from instructkit.training.loop import (MetricsLogger, StepPlan, build_optimizer, build_scheduler, optimizer_step,
                                            step_record, total_steps_for)
 
@@ -160,12 +160,10 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, cfg.train, total)
     ckpt_root = run_dir / "checkpoints"
     logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
-    step = 0
-    resume = find_resume(ckpt_root, cfg.train.resume)
+    resume, state = resume_run(ckpt_root, cfg.train.resume, policy, optimizer, scheduler, logger, config=to_dict(cfg))
+    step = int(state.get("step", 0))
     initial_eval: dict[str, float] = {}
     if resume is not None:
-        step = int(load_checkpoint(resume, policy, optimizer, scheduler, config=to_dict(cfg))["step"])
-        logger.truncate_after(step)
         initial_eval = json.loads((resume / "initial_eval.json").read_text()) if (resume / "initial_eval.json").exists() \
             else {}
     else:

@@ -115,7 +115,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     from instructkit.chat.render import Renderer
     from instructkit.generation.engine import Engine, SamplingParams
     from instructkit.models.load import causal_lm_parts, packed_hidden_states, save_model
-    from instructkit.training.checkpoint import find_resume, load_checkpoint, save_checkpoint
+    from instructkit.training.checkpoint import resume_run, save_checkpoint
     from instructkit.training.loop import MetricsLogger, build_optimizer, build_scheduler, optimizer_step
     from instructkit.training.packing import Sample, collate_rows
 
@@ -164,13 +164,10 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         else FixedKLController(cfg.kl_coef)
     ckpt_root = run_dir / "checkpoints"
     logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
-    it = 0
-    resume = find_resume(ckpt_root, cfg.train.resume)
+    resume, state = resume_run(ckpt_root, cfg.train.resume, ac, optimizer, scheduler, logger, config=to_dict(cfg))
+    it = int(state.get("step", 0))
     if resume is not None:
-        state = load_checkpoint(resume, ac, optimizer, scheduler, config=to_dict(cfg))
-        it = int(state["step"])
         kl_ctl.value = float(state["kl_coef"])
-        logger.truncate_after(it)
         log.info("resumed from %s at iteration %d", resume, it)
 
     def reference_logits(input_ids, attention_mask, p, r):

@@ -216,7 +216,7 @@ def shared_groups(train: list[list], val: list[list]) -> int:
 
 def main(cfg: RewardModelConfig) -> dict[str, Any]:
     from instructkit.chat.render import Renderer
-    from instructkit.training.checkpoint import find_resume, load_checkpoint, save_checkpoint
+    from instructkit.training.checkpoint import resume_run, save_checkpoint
     from instructkit.training.loop import (MetricsLogger, StepPlan, build_optimizer, build_scheduler, optimizer_step,
                                            step_record, total_steps_for)
 
@@ -262,11 +262,9 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, cfg.train, total)
     ckpt_root = run_dir / "checkpoints"
     logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
-    step = 0
-    resume = find_resume(ckpt_root, cfg.train.resume)
+    resume, state = resume_run(ckpt_root, cfg.train.resume, model, optimizer, scheduler, logger, config=to_dict(cfg))
+    step = int(state.get("step", 0))
     if resume is not None:
-        step = int(load_checkpoint(resume, model, optimizer, scheduler, config=to_dict(cfg))["step"])
-        logger.truncate_after(step)
         log.info("resumed from %s at step %d", resume, step)
 
     step_metrics: list[dict[str, float]] = []

@@ -184,19 +184,22 @@ def main(cfg: SFTConfig) -> dict:
     ckpt_root = run_dir / "checkpoints"
     counters = loop.LoopCounters()
     start = 0
-    resume_from = ckpt.find_resume(ckpt_root, cfg.train.resume)
     metrics = loop.MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.train.tensorboard)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank=dist.rank, config=config_dict)
+
+    def same_data(path, state) -> None:
         if state.get("data_fingerprint") != fingerprint:
-            raise ckpt.CheckpointError(f"resume refused: the rendered training data changed since {resume_from} "
+            raise ckpt.CheckpointError(f"resume refused: the rendered training data changed since {path} "
                                        f"(fingerprint {state.get('data_fingerprint')} != {fingerprint})")
-        start = int(state["step"])
-        if [state["epoch"], state["index"]] != list(plan.position(start)):
+        step = int(state["step"])
+        if [state["epoch"], state["index"]] != list(plan.position(step)):
             raise ckpt.CheckpointError(f"resume refused: data position {state['epoch'], state['index']} does not "
-                                       f"match step {start} ({plan.position(start)})")
+                                       f"match step {step} ({plan.position(step)})")
+
+    resume_from, state = ckpt.resume_run(ckpt_root, cfg.train.resume, model, optimizer, scheduler, metrics,
+                                         rank=dist.rank, config=config_dict, check=same_data)
+    if resume_from is not None:
+        start = int(state["step"])
         counters = loop.LoopCounters(**state["counters"])
-        metrics.truncate_after(start)
         log.warning("resumed from %s at step %d (epoch %d, row %d)", resume_from, start, *plan.position(start))
     elif dist.is_main:  # a fresh run: earlier records in this folder belong to another run
         for name in ("metrics.jsonl", "samples.jsonl"):

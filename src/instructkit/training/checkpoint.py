@@ -24,7 +24,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -255,3 +255,22 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, schedul
     scheduler.load_state_dict(sched_state)
     set_rng_state(rng_t, rng_j)
     return state
+
+
+def resume_run(ckpt_root: str | Path, resume: str, model: torch.nn.Module, optimizer, scheduler, logger, *,
+               rank: int = 0, config: dict[str, Any] | None = None,
+               check: Callable[[Path, dict[str, Any]], None] | None = None) -> tuple[Path | None, dict[str, Any]]:
+    """The resume step every recipe shares: find the checkpoint ``resume`` names (find_resume), restore it
+    (load_checkpoint, refusing a drifted config) and cut the metrics log after its step, so a resumed run's
+    metrics.jsonl reads as one uninterrupted run. Returns (checkpoint folder, its state.json), or (None, {}) for a
+    fresh start; the caller reads its own extra fields (data position, KL coefficient, counters) from the state.
+    ``check(path, state)`` may refuse the resume (raise) before anything in the run folder is touched."""
+    path = find_resume(ckpt_root, resume)
+    if path is None:
+        return None, {}
+    state = load_checkpoint(path, model, optimizer, scheduler, rank=rank, config=config)
+    if check is not None:
+        check(path, state)
+    logger.truncate_after(int(state["step"]))
+    return path, state
+
