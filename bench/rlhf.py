@@ -205,24 +205,9 @@ def rl_prepare(name: str, cfg: dict, threads: int, seed: int) -> dict:
     if not is_prepared("smollm2-135m-instruct"):
         raise SystemExit("run `instructkit models prepare smollm2-135m-instruct` first (model or tokenizer)")
     if cfg["model"] == "llama16m":
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        from _common import random_llama_with_smollm2_tokenizer
 
-        from instructkit.config import ModelConfig
-        from instructkit.models.load import load_model_and_tokenizer
-
-        model_dir = work / "model"
-        if not (model_dir / "model.safetensors").exists():
-            tok = AutoTokenizer.from_pretrained(cache_dir("smollm2-135m-instruct"))
-            lcfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id, **SMALL_LLAMA)
-            torch.manual_seed(seed)
-            LlamaForCausalLM(lcfg).save_pretrained(work / "init", safe_serialization=True)
-            tok.save_pretrained(work / "init")
-            # instructkit's own loading (pad token, template) once; the result is what both sides load
-            model, tok = load_model_and_tokenizer(ModelConfig(path=str(work / "init")))
-            model.save_pretrained(model_dir, safe_serialization=True)
-            tok.save_pretrained(model_dir)
-            del model
+        model_dir = random_llama_with_smollm2_tokenizer(work, SMALL_LLAMA, seed)
     else:
         model_dir = cache_dir(cfg["model"])
     from transformers import AutoConfig, AutoTokenizer

@@ -101,7 +101,6 @@ def matmul_gflops(threads: int, n: int = 1024, reps: int = 8) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 def prepare(name: str, cfg: dict, threads: int, seed: int) -> dict:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from instructkit.config import DataConfig, ModelConfig, SFTConfig, TrainConfig
     from instructkit.data.io import read_conversations
@@ -119,18 +118,9 @@ def prepare(name: str, cfg: dict, threads: int, seed: int) -> dict:
             raise SystemExit("the SmolLM2 tokenizer is needed: run `instructkit models prepare smollm2-135m-instruct`")
         model_dir = work / "model"
         tokenizer_note = f"SmolLM2 tokenizer (49,152-token byte-level BPE) from {cache_dir('smollm2-135m-instruct')}"
-        if not (model_dir / "model.safetensors").exists():
-            tok = AutoTokenizer.from_pretrained(cache_dir("smollm2-135m-instruct"))
-            lcfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id, **LLAMA30M)
-            torch.manual_seed(seed)
-            LlamaForCausalLM(lcfg).save_pretrained(work / "init", safe_serialization=True)
-            tok.save_pretrained(work / "init")
-            # instructkit's own loading (pad token, template) once; the result is what both sides load
-            model, tok = load_model_and_tokenizer(ModelConfig(path=str(work / "init")))
-            model.save_pretrained(model_dir, safe_serialization=True)
-            tok.save_pretrained(model_dir)
-            del model
+        from _common import random_llama_with_smollm2_tokenizer
+
+        random_llama_with_smollm2_tokenizer(work, LLAMA30M, seed)
     else:
         if not is_prepared(cfg["model"]):
             raise SystemExit(f"run `instructkit models prepare {cfg['model']}` first")

@@ -199,11 +199,14 @@ def _sft_chunk_loss(h: torch.Tensor, target: torch.Tensor, output_layer, logit_s
     return F.cross_entropy(logits, target, reduction="sum")
 
 
-def _supervised_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden (B, T, H), labels (B, T) -> the N supervised rows of hidden (N, H) and their targets (N,)."""
+def _supervised_rows(hidden: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (B, T, H), labels (B, T) -> the N supervised rows of hidden (N, H), their targets (N,), and N as a
+    tensor (the count the caller normalises by)."""
     flat_labels = labels.reshape(-1)  # (B*T,)
     idx = (flat_labels != -100).nonzero(as_tuple=True)[0]  # (N,)
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx), flat_labels.index_select(0, idx)
+    n_tokens = torch.tensor(idx.numel(), device=hidden.device)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx), flat_labels.index_select(0, idx), n_tokens
 
 
 def sft_loss(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
@@ -229,9 +232,8 @@ def sft_loss(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
     optimizer step, across micro-batches and ranks (exact gradient accumulation, R4). With no supervised token the loss
     is an exact 0 that still depends on the graph (zero gradient, never NaN); the caller counts such batches (R6).
     """
-    h, target = _supervised_rows(hidden, labels)
+    h, target, n_tokens = _supervised_rows(hidden, labels)
     n = target.numel()
-    n_tokens = torch.tensor(n, device=hidden.device)
     if n == 0:
         return hidden.sum() * 0.0, n_tokens
     if chunk_rows is None:
@@ -331,9 +333,8 @@ def sft_loss_fused(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
              and weight.dtype.is_floating_point)
     if not plain or not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         return sft_loss(hidden, labels, output_layer, logit_softcap, chunk_rows)
-    h, target = _supervised_rows(hidden, labels)
+    h, target, n_tokens = _supervised_rows(hidden, labels)
     n = target.numel()
-    n_tokens = torch.tensor(n, device=hidden.device)
     if n == 0:
         return hidden.sum() * 0.0, n_tokens
     if chunk_rows is None:
