@@ -61,7 +61,8 @@ def bench_model(name: str, batch_sizes: list[int], max_new_tokens: int, reps: in
     rows = []
     for bs in batch_sizes:
         prompts = [eng.chat_prompt_ids([{"role": "user", "content": s.instruction}]) for s in seeds[:bs]]
-        params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids)
+        # no log-probs: generate computes none either (and greedy then needs only each argmax)
+        params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, logprobs=False)
 
         def ours():
             return [o.token_ids for o in eng.generate(prompts, params)]

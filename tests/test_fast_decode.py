@@ -156,6 +156,70 @@ def test_gemma3_greedy_generation_identical_to_generate():
     assert [o.token_ids for o in slow] == refs
 
 
+def test_gemma3_greedy_without_logprobs_identical_to_generate():
+    """logprobs=False: the step returns each argmax through GreedyHead (no soft-capping here, so it is on); the
+    tokens must equal generate's, with rows finishing at different steps."""
+    model = _tiny_gemma3(final_softcap=None, seed=3)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24], [30]]
+    free = Engine(model, _Tok()).generate(prompts, SamplingParams(max_new_tokens=16, stop_token_ids=[]))
+    stop = free[1].token_ids[4]
+    p = SamplingParams(max_new_tokens=16, stop_token_ids=[stop], logprobs=False)
+    ours = Engine(model, _Tok()).generate(prompts, p)
+    assert [o.token_ids for o in ours] == _hf_greedy_rows(model, prompts, 0, 16, [stop])
+    assert all(o.logprobs == [] for o in ours)
+    head = FastDecoder.build(model)._greedy_head()
+    assert head is not None and head._tries and all(calls > 0 and none == 0 for calls, none in head._tries.values())
+
+
+def _greedy_head_case(rows: int, seed: int):
+    from instructkit.generation.fast_decode import GreedyHead
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(4096, 96, generator=g) / 10
+    x = torch.randn(rows, 96, generator=g) * 3
+    w[1000] = w[2000] = x[-1] / x[-1].norm()  # an exact tie for the last row (argmax: first index)
+    if rows > 1:
+        w[7] = 1.2 * x[0] / x[0].norm()  # a clear winner for row 0
+    return GreedyHead.build(w), w, x
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_greedy_head_argmax_equals_full_argmax(rows):
+    """Against the full matmul's argmax, ties included; one row goes through the int8 copy, several through bf16.
+    The bound each path uses must hold for every entry (checked here, not only in the head's own probe)."""
+    for seed in range(3):
+        head, w, x = _greedy_head_case(rows, seed)
+        full = torch.nn.functional.linear(x, w)
+        ids = head.argmax(x)
+        assert ids is not None
+        assert torch.equal(ids, full.argmax(-1))
+        assert int(ids[-1]) == 1000 and (rows == 1 or int(ids[0]) == 7)
+        approx_fn, r_low, e_rows = head._low(rows)
+        err = (approx_fn(x).float() - full).abs()
+        assert bool((err <= head._bound(x, r_low, e_rows)).all())
+        assert bool((err > 0).any())  # the approximation is really approximate
+
+
+def test_greedy_head_gives_up_where_it_cannot_help():
+    """Non-finite inputs and flat distributions return None (the caller computes all logits); after 16 calls at one
+    row count with mostly None the head stops computing its approximation there."""
+    from instructkit.generation.fast_decode import GreedyHead
+
+    head, w, x = _greedy_head_case(2, 0)
+    bad = x.clone()
+    bad[0, 3] = float("nan")
+    assert head.argmax(bad) is None
+    flat = GreedyHead.build(torch.ones(4096, 96) + torch.randn(4096, 96) * 1e-4)
+    calls = []
+    low = flat._low
+    flat._low = lambda rows: (calls.append(rows), low(rows))[1]
+    for _ in range(20):
+        assert flat.argmax(torch.randn(2, 96)) is None
+    assert flat._tries[2] == [16, 16]
+    assert len([c for c in calls if c == 2]) == 16 + 1  # 16 tries plus the probe, none after giving up
+    assert GreedyHead.build(w.double()) is None
+
+
 def test_llama_fast_and_generic_paths_agree_on_sampling_and_logprobs(llama):
     """Sampling draws from the same logits in both paths, so seeded samples and their log-probs are equal too."""
     model, tok = llama
@@ -289,8 +353,13 @@ def test_real_models_step_bit_identical_and_greedy_identical(name):
     for ours, ref in _compare_steps(model, prompts[:1], tok.pad_token_id, steps=6):
         assert torch.equal(ours, ref)
     stops = eng.chat_stop_token_ids()
+    refs = _hf_greedy_rows(model, prompts, tok.pad_token_id, 24, stops)
     ours = eng.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=stops))
-    assert [o.token_ids for o in ours] == _hf_greedy_rows(model, prompts, tok.pad_token_id, 24, stops)
+    assert [o.token_ids for o in ours] == refs
+    greedy = eng.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=stops, logprobs=False))
+    assert [o.token_ids for o in greedy] == refs  # through GreedyHead where it helps
+    one = eng.generate(prompts[1:2], SamplingParams(max_new_tokens=24, stop_token_ids=stops, logprobs=False))
+    assert [o.token_ids for o in one] == refs[1:2]
 
 
 def test_cached_decoder_does_not_keep_the_model_alive(llama):

@@ -85,7 +85,7 @@ def _chat(args) -> int:
         history.append({"role": "user", "content": line})
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 repetition_penalty=args.repetition_penalty, stop_token_ids=stops,
-                                seed=args.seed + turn)
+                                seed=args.seed + turn, logprobs=False)
         turn += 1
         pieces = []
         try:

@@ -132,7 +132,7 @@ def run_generate(args) -> int:
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                                stop_strings=tuple(args.stop), seed=args.seed)
+                                stop_strings=tuple(args.stop), seed=args.seed, logprobs=False)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -284,7 +284,7 @@ def evaluate_heldout(model, tokenizer, tasks: Sequence[Task], cfg: HeldoutConfig
         engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size, template=template)
         prompts = [renderer.render_prompt(items[k][3].messages) for k in generative]
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                                stop_token_ids=sorted(set(renderer.stop_token_ids)))
+                                stop_token_ids=sorted(set(renderer.stop_token_ids)), logprobs=False)
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()

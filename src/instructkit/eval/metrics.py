@@ -44,7 +44,7 @@ def generate_chat(
     from instructkit.generation.engine import Engine, SamplingParams
 
     engine = Engine(model, tokenizer, max_batch_size=batch_size, template=template)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, logprobs=False)
     return engine.chat([list(c) for c in conversations], params)
 
 

@@ -52,6 +52,10 @@ class SamplingParams:
     """End generation when the decoded output contains one of these; text is cut before it."""
     seed: int | None = None
     """Seed for sampling; row i of a batch uses seed + i. None draws a seed from torch's global generator."""
+    logprobs: bool = True
+    """Record each generated token's log-probability (a log-softmax over the whole vocabulary per step). Off, greedy
+    decoding on the lean decode step finds each argmax without computing every logit (fast_decode.GreedyHead), with
+    the same tokens."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -80,7 +84,7 @@ class GenerationOutput:
     """"stop" (a stop token or stop string) or "length" (max_new_tokens reached)."""
     logprobs: list[float] = field(default_factory=list)
     """log p(token) of each generated token under the model's raw distribution (temperature 1, before top-k/top-p and
-    repetition penalty), one per entry of token_ids."""
+    repetition penalty), one per entry of token_ids; empty when SamplingParams.logprobs is False."""
 
 
 @dataclass
@@ -295,35 +299,44 @@ class Engine:
         logits = out.logits[:, -1, :]
         del out
         fast = None
+        chosen = None  # the next tokens when the greedy step picked them without returning logits
         if self.fast and params.max_new_tokens > 1:
             from instructkit.generation.fast_decode import FastDecoder
 
             fast = FastDecoder.build(model)
         if fast is not None:  # the prefill's cache moves into preallocated buffers written in place
             cache = fast.start(cache, B, max_len, max_len + params.max_new_tokens)
+        # greedy without log-probs or penalty needs only each step's argmax: the lean step finds it without every logit
+        greedy_ids = (fast is not None and params.temperature == 0 and params.repetition_penalty == 1.0
+                      and not params.logprobs)
         last_pos = position_ids[:, -1:]
         for step in range(params.max_new_tokens):
-            logits = logits.float()  # (b, V)
-            V = logits.shape[-1]
-            if params.repetition_penalty != 1.0:
-                if seen is None:
-                    seen = torch.zeros((B, V), dtype=torch.bool, device=device)
-                    for i, r in enumerate(rows):
-                        seen[i, torch.tensor([t for t in r.prompt if t < V], dtype=torch.long)] = True
-                scores = _apply_repetition_penalty(logits, seen[active], params.repetition_penalty)
+            if chosen is not None:
+                next_tokens = chosen
             else:
-                scores = logits
-            next_tokens = self._choose(scores, params, [generators[i] for i in active] if generators else None)
-            logp = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None])[:, 0]
+                logits = logits.float()  # (b, V)
+                V = logits.shape[-1]
+                if params.repetition_penalty != 1.0:
+                    if seen is None:
+                        seen = torch.zeros((B, V), dtype=torch.bool, device=device)
+                        for i, r in enumerate(rows):
+                            seen[i, torch.tensor([t for t in r.prompt if t < V], dtype=torch.long)] = True
+                    scores = _apply_repetition_penalty(logits, seen[active], params.repetition_penalty)
+                else:
+                    scores = logits
+                next_tokens = self._choose(scores, params, [generators[i] for i in active] if generators else None)
             next_list = next_tokens.tolist()
-            logp_list = logp.tolist()
+            logp_list = None
+            if params.logprobs:
+                logp_list = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None])[:, 0].tolist()
             for j, i in enumerate(active):
                 r = rows[i]
                 if r.finish_reason is not None:  # finished, still in the batch until enough rows are done to prune
                     continue
                 t = next_list[j]
                 r.tokens.append(t)
-                r.logprobs.append(logp_list[j])
+                if logp_list is not None:
+                    r.logprobs.append(logp_list[j])
                 if seen is not None:
                     seen[i, t] = True
                 if t in stop_ids:
@@ -350,7 +363,9 @@ class Engine:
             if padded:
                 attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
             last_pos = last_pos + 1
-            if fast is not None:
+            if greedy_ids:
+                chosen = fast.greedy_step(cache, next_tokens, last_pos, attn if padded else None)
+            elif fast is not None:
                 logits = fast.step(cache, next_tokens, last_pos, attn if padded else None)
             else:
                 out = model(input_ids=next_tokens[:, None], attention_mask=attn if padded else None,

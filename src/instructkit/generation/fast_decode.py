@@ -135,6 +135,7 @@ class FastDecoder:
         self.use_packed = _mkl_packed_available()
         self._pack_key: tuple[int, int] | None = None
         self._pack: dict[tuple[str, int], torch.Tensor] = {}
+        self._greedy: tuple | None = None  # (weight key, GreedyHead or None)
         self.refresh()
 
     @property
@@ -290,12 +291,9 @@ class FastDecoder:
     def _gemma_norm(self, x, one_plus_w):
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * one_plus_w
 
-    def step(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor,
-             attn_cols: torch.Tensor | None) -> torch.Tensor:
-        """Feed one token per row and return the next-token logits.
-
-        tokens: (b,) ids; positions: (b, 1) position ids; attn_cols: (b, length + 1) 0/1 padding mask including the new
-        column, or None when no row is padded. Returns (b, vocab) logits of the new position."""
+    def _body(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor,
+              attn_cols: torch.Tensor | None) -> torch.Tensor:
+        """The transformer body for one new token per row: (b, h) final-normed hidden states."""
         model = self.model
         b = tokens.shape[0]
         t = state.length
@@ -344,11 +342,46 @@ class FastDecoder:
             m = self._linear(self.act(gu[:, :self.inter]) * gu[:, self.inter:], layer.mlp.down_proj.weight, ("down", i))
             x = x + (self._gemma_norm(m, n_post_ff) if self.gemma else m)
         state.length = length
-        x = model.model.norm(x)
-        logits = self._linear(x, model.lm_head.weight, ("head", 0))  # (b, V)
+        return model.model.norm(x)
+
+    def step(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor,
+             attn_cols: torch.Tensor | None) -> torch.Tensor:
+        """Feed one token per row and return the next-token logits.
+
+        tokens: (b,) ids; positions: (b, 1) position ids; attn_cols: (b, length + 1) 0/1 padding mask including the new
+        column, or None when no row is padded. Returns (b, vocab) logits of the new position."""
+        x = self._body(state, tokens, positions, attn_cols)
+        logits = self._linear(x, self.model.lm_head.weight, ("head", 0))  # (b, V)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
+
+    def greedy_step(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor,
+                    attn_cols: torch.Tensor | None) -> torch.Tensor:
+        """Like :meth:`step`, but return the (b,) argmax token ids, the same ids as ``step(...).argmax(-1)``, found
+        without computing every logit where :class:`GreedyHead` can (see there)."""
+        x = self._body(state, tokens, positions, attn_cols)
+        head = self._greedy_head()
+        if head is not None:
+            ids = head.argmax(x)
+            if ids is not None:
+                return ids
+        logits = self._linear(x, self.model.lm_head.weight, ("head", 0))
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.argmax(-1)
+
+    def _greedy_head(self) -> "GreedyHead | None":
+        """The output layer's GreedyHead, rebuilt when the weight changed; None where it cannot be exact (soft-capped
+        logits: tanh can map two different logits to one float, so the argmax of the capped logits is not always the
+        argmax of the raw ones) or its probe failed."""
+        if self.final_softcap is not None:
+            return None
+        w = self.model.lm_head.weight
+        key = (w.data_ptr(), w._version, torch.get_num_threads())
+        if self._greedy is None or self._greedy[0] != key:
+            self._greedy = (key, GreedyHead.build(w.detach()))
+        return self._greedy[1]
 
 
 def _mkl_packed_available() -> bool:
@@ -379,3 +412,144 @@ def _packed_is_exact(shape: tuple[int, int], rows: int) -> bool:
             ok = False
         _EXACT[key] = ok
     return _EXACT[key]
+
+
+class GreedyHead:
+    """The argmax of ``F.linear(x, W)`` over the vocabulary, identical to it, from a cheap low-precision pass plus an
+    exact recomputation of the few rows that can win.
+
+    Why (this project's own): greedy decoding needs only the argmax, and the output layer is the largest matmul of a
+    decode step (Gemma-3-270m: 262,144 x 640, 671 MB of fp32 read per step, half of it). So:
+
+    1. approximate logits from a low-precision copy of W: int8 with one scale per row (``_weight_int8pack_mm``, a
+       quarter of the bytes) for a single input row, bf16 (``F.linear`` in bf16, fp32 accumulation) for several;
+    2. a bound E on |approximate - exact| that holds for every vocabulary entry of an input row x (u = 2^-8 is bf16's
+       unit roundoff, g = K 2^-24 / (1 - K 2^-24) the fp32 summation bound, R the largest row norm of W and R^ of its
+       low-precision copy, x^ = bf16(x), Cauchy-Schwarz for every sum of |w_ij x_j|):
+
+           E_i = 1.25 * ( e_i ||x||_1  +  (2u + u^2 + g) R ||x||  +  (g + u (1 + g)) R^ ||x^|| )
+
+       e_i is the largest |w_ij - s_i q_ij| of row i of the int8 copy, measured when it is built (0 for bf16, where
+       E is the same for every entry); the second term is rounding W and x to bf16 (the int8 kernel may dequantise to
+       bf16), the third is the kernel's fp32 sum and its bf16 output, and the factor 1.25 is a margin;
+    3. entry i is a candidate when approx_i + E_i >= max_k (approx_k - E_k); every other entry is provably below the
+       true maximum (ties with it included, so argmax's first-index rule is kept);
+    4. the candidates' exact logits: ``F.linear(x, W[candidates])`` over the sorted candidate rows, padded to a
+       multiple of 64. Each column is then the same dot product as in the full matmul (at other row counts MKL splits
+       some of them differently: measured), and :meth:`_exact_for` probes that on this weight, this input row count
+       and this thread count, together with the bound, before the head is used.
+
+    The argmax of the candidates' exact logits is the full argmax. When the approximation is not finite, or more than
+    an eighth of the vocabulary are candidates (a flat distribution, or a bound too loose for this model: SmolLM2's
+    49,152 x 576 layer has few dominant logits for its row norms), :meth:`argmax` returns None and the caller computes
+    every logit; after 16 calls at one input row count of which more than half returned None, the head stops trying
+    at that row count (the approximation would only add to each step).
+    """
+
+    PAD = 64
+    U = 2.0 ** -8
+
+    def __init__(self, weight: torch.Tensor):
+        self.w = weight  # (V, K) fp32, the model's tensor (not copied)
+        V, K = weight.shape
+        self.g = K * 2.0 ** -24 / (1 - K * 2.0 ** -24)
+        self.r = float(weight.norm(dim=1).max())
+        self.max_candidates = max(4 * self.PAD, V // 8)
+        self._bf16: tuple[torch.Tensor, float] | None = None  # (bf16 copy, its largest row norm)
+        self._int8: tuple | None = None  # (q, bf16 scales, R^, (V,) per-row e_i)
+        self._exact: dict[tuple[int, int], bool] = {}
+        self._tries: dict[int, list[int]] = {}  # rows -> [calls, calls that returned None]
+
+    @classmethod
+    def build(cls, weight: torch.Tensor) -> "GreedyHead | None":
+        if weight.dtype != torch.float32 or weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
+            return None
+        return cls(weight)
+
+    def _low(self, rows: int):
+        """The low-precision copy used for ``rows`` input rows, built on first use: (fn x -> approx logits, R^, e_q)."""
+        if rows == 1 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            if self._int8 is None:
+                s = self.w.abs().amax(dim=1) / 127
+                s = (s * (1 + 2.0 ** -7)).clamp_min(1e-30).to(torch.bfloat16)  # rounded up: no |w / s| above 127
+                q = torch.round(self.w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+                deq = q.float() * s.float()[:, None]  # exact in fp32 (7-bit times 8-bit significands)
+                self._int8 = (q, s, float(deq.norm(dim=1).max()), (self.w - deq).abs().amax(dim=1))
+                del deq
+            q, s, r_low, e_q = self._int8
+            return (lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, s)), r_low, e_q
+        if self._bf16 is None:
+            wb = self.w.to(torch.bfloat16)
+            self._bf16 = (wb, float(wb.float().norm(dim=1).max()))
+        wb, r_low = self._bf16
+        return (lambda x: F.linear(x.to(torch.bfloat16), wb)), r_low, None
+
+    def _bound(self, x: torch.Tensor, r_low: float, e_rows: torch.Tensor | None) -> torch.Tensor:
+        """E of the docstring: (b, 1) for every entry alike (bf16), or (b, V) per entry (int8)."""
+        u, g = self.U, self.g
+        xn = x.norm(dim=1, keepdim=True)
+        xbn = x.to(torch.bfloat16).float().norm(dim=1, keepdim=True)
+        e = (2 * u + u * u + g) * self.r * xn + (g + u * (1 + g)) * r_low * xbn
+        if e_rows is not None:
+            e = e + e_rows[None, :] * x.abs().sum(dim=1, keepdim=True)
+        return 1.25 * e
+
+    def _exact_for(self, rows: int) -> bool:
+        """Probe once per (rows, threads): on random inputs the bound holds for every entry, and the padded
+        candidate matmul gives the same bits as the full one for several candidate counts."""
+        key = (rows, torch.get_num_threads())
+        if key not in self._exact:
+            gen = torch.Generator().manual_seed(0)
+            ok = True
+            try:
+                with torch.no_grad():
+                    approx_fn, r_low, e_rows = self._low(rows)
+                    for _ in range(2):
+                        x = torch.randn((rows, self.w.shape[1]), generator=gen)
+                        full = F.linear(x, self.w)
+                        err = (approx_fn(x).float() - full).abs()
+                        ok = ok and bool((err <= self._bound(x, r_low, e_rows)).all())
+                        for n in (self.PAD, 3 * self.PAD, 16 * self.PAD):
+                            idx = torch.randint(0, self.w.shape[0], (n,), generator=gen).sort().values
+                            ok = ok and torch.equal(F.linear(x, self.w.index_select(0, idx)), full[:, idx])
+            except RuntimeError:  # a kernel missing from this torch build
+                ok = False
+            self._exact[key] = ok
+        return self._exact[key]
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x: (b, K) fp32 final hidden states -> (b,) the ids ``F.linear(x, W).argmax(-1)`` gives, or None."""
+        b = x.shape[0]
+        tries = self._tries.setdefault(b, [0, 0])
+        if (tries[0] >= 16 and 2 * tries[1] > tries[0]) or not self._exact_for(b):
+            return None
+        tries[0] += 1
+        ids = self._argmax(x)
+        tries[1] += ids is None
+        return ids
+
+    def _argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        b = x.shape[0]
+        approx_fn, r_low, e_rows = self._low(b)
+        approx = approx_fn(x)  # (b, V) bf16
+        e = self._bound(x, r_low, e_rows)  # (b, 1) or (b, V)
+        if e_rows is None:  # one E per row: compare in bf16, (b, V) passes over half the bytes
+            thr = approx.amax(dim=1, keepdim=True).float() - 2 * e
+            # a threshold rounded down (at least half a bf16 ulp below thr, so never above it)
+            thr_b = (thr - thr.abs() * 2.0 ** -7 - 1e-30).to(torch.bfloat16)
+            cand = approx >= thr_b
+        else:
+            a = approx.float()
+            thr = (a - e).amax(dim=1, keepdim=True)
+            cand = a + e >= thr
+        if not bool(torch.isfinite(thr).all()):
+            return None
+        idx = cand.any(dim=0).nonzero()[:, 0]  # sorted candidate rows of W
+        n = idx.numel()
+        if n == 0 or n > self.max_candidates:
+            return None
+        pad = -n % self.PAD
+        if pad:  # repeats of the first candidate after the end: argmax's first occurrence stays the original
+            idx = torch.cat([idx, idx[:1].expand(pad)])
+        exact = F.linear(x, self.w.index_select(0, idx))  # (b, n + pad)
+        return idx[exact.argmax(dim=1)]

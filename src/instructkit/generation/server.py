@@ -149,6 +149,7 @@ class OpenAIServer:
             repetition_penalty=_num(body, "repetition_penalty", 1.0, float, 0.01, 10.0),
             stop_strings=tuple(stop),
             seed=seed,
+            logprobs=False,  # the API answers "logprobs": null
         )
 
     def _check_prompt(self, ids: list[int]) -> None:

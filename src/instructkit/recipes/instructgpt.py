@@ -212,7 +212,7 @@ def compare_policies(cfg: InstructGPTConfig, sft_dir: Path, ppo_dir: Path, rm_di
     stop_ids = renderer.stop_token_ids
     prompt_ids = [renderer.render_prompt(m) for m in prompts]
     params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=cfg.eval_temperature,
-                            stop_token_ids=stop_ids, seed=cfg.eval_seed)
+                            stop_token_ids=stop_ids, seed=cfg.eval_seed, logprobs=False)
     bs = cfg.eval_batch_size
     per_policy: dict[str, dict[str, Any]] = {}
     kl_tok_sum, kl_tok_n, kl_seq, kl_exact_seq = 0.0, 0, [], []

@@ -212,7 +212,8 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         # rollouts
         ac.eval()
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                stop_token_ids=stop_ids, seed=cfg.train.seed * 1_000_003 + it)
+                                stop_token_ids=stop_ids, seed=cfg.train.seed * 1_000_003 + it,
+                                logprobs=False)  # the update recomputes them with the value head
         outputs = engine.generate(batch_prompts, params)
         batch, ended = make_rollout_batch(batch_prompts, outputs, stop_ids, pad_id)
         ids, attn = batch["input_ids"], batch["attention_mask"]

@@ -101,7 +101,8 @@ def run_phase(model, tokenizer, convs: list, cfg: QuickstartConfig) -> PhaseResu
     engine = Engine(model, tokenizer, max_batch_size=cfg.gen_batch_size, template=cfg.model.template)
     t0 = time.perf_counter()
     with torch.no_grad():
-        outs = engine.chat(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, seed=0))
+        outs = engine.chat(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, seed=0,
+                                                         logprobs=False))
     t_gen = time.perf_counter() - t0
     t0 = time.perf_counter()
     loss = heldout_loss(model, tokenizer, convs, cfg)

@@ -292,7 +292,7 @@ def generate_instructions(cfg: SelfInstructConfig, backend, seeds: list[SeedTask
             prompts.append(encode_instruction_prompt(shown))
         stops = INSTRUCTION_STOPS[1:] if cfg.chat else INSTRUCTION_STOPS  # a chat reply may have blank lines
         params = SamplingParams(max_new_tokens=cfg.instruction_max_tokens, temperature=cfg.temperature,
-                                top_p=cfg.top_p, stop_strings=stops, seed=_seed(cfg, 1, r))
+                                top_p=cfg.top_p, stop_strings=stops, seed=_seed(cfg, 1, r), logprobs=False)
         texts = backend.complete([_request(p, cfg.chat) for p in prompts], params)
         candidates = []
         round_texts: set[str] = set()
@@ -349,7 +349,8 @@ def classify(cfg: SelfInstructConfig, backend, machine: list[dict], run_dir: Pat
     def run_batch(k: int, chunk: list[dict]) -> list[dict]:
         if not cfg.classify:
             return [{"id": c["id"], "is_classification": False, "answer": None} for c in chunk]
-        params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_strings=("\n",), seed=_seed(cfg, 2, k))
+        params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_strings=("\n",), seed=_seed(cfg, 2, k),
+                                logprobs=False)
         answers = backend.complete([_request(classification_prompt(c["instruction"]), cfg.chat) for c in chunk], params)
         return [{"id": c["id"], "is_classification": bool(parse_yes_no(a)), "answer": a,
                  "parsed": parse_yes_no(a) is not None} for c, a in zip(chunk, answers)]
@@ -364,7 +365,7 @@ def generate_instances(cfg: SelfInstructConfig, backend, machine: list[dict], cl
 
     def run_batch(k: int, chunk: list[dict]) -> list[dict]:
         params = SamplingParams(max_new_tokens=cfg.instance_max_tokens, temperature=0.0,
-                                stop_strings=("\nTask:", "Example 6"), seed=_seed(cfg, 3, k))
+                                stop_strings=("\nTask:", "Example 6"), seed=_seed(cfg, 3, k), logprobs=False)
         reqs = [_request(instance_prompt(c["instruction"], is_clf[c["id"]]), cfg.chat) for c in chunk]
         texts = backend.complete(reqs, params)
         out = []

@@ -118,7 +118,7 @@ def write_samples(model, tokenizer, cfg: SFTConfig, run_dir: Path, step: int) ->
     model.eval()
     engine = Engine(model, tokenizer, template=cfg.model.template)
     # seed given: the engine then never draws from torch's global generator, so sampling cannot change training RNG
-    params = SamplingParams(max_new_tokens=cfg.sample_max_new_tokens, temperature=0.0, seed=0)
+    params = SamplingParams(max_new_tokens=cfg.sample_max_new_tokens, temperature=0.0, seed=0, logprobs=False)
     outs = engine.chat([[{"role": "user", "content": p}] for p in cfg.train.sample_prompts], params)
     model.train(was_training)
     with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
