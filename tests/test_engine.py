@@ -151,6 +151,7 @@ def test_choose_sampling_distribution_top_k_top_p():
     toks = Engine._choose(logits, SamplingParams(temperature=1.0, top_p=0.7), g)
     freq = torch.bincount(toks, minlength=4).float() / 20000
     assert torch.allclose(freq, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015)
+    assert freq[2] == 0 and freq[3] == 0  # masked tokens are never drawn (inverse-CDF: zero-width intervals)
     toks = Engine._choose(logits, SamplingParams(temperature=1.0, top_k=3), g)
     freq = torch.bincount(toks, minlength=4).float() / 20000
     assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.15, 0]) / 0.9, atol=0.015)

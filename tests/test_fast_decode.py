@@ -273,18 +273,67 @@ def test_unsupported_models_fall_back(llama):
 
     from peft import LoraConfig, get_peft_model
 
-    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert "architecture" in unsupported_reason(lora)
-    assert "replaced linear" in unsupported_reason(lora.base_model.model)
-    # the engine still generates with it, through the model's forward, identical to generate
+    dora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    assert "variant" in unsupported_reason(dora)
+    on_head = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert "outside the attention and MLP projections" in unsupported_reason(on_head)
+    lora = _lora_model(model, ["q_proj", "v_proj"])
+    with lora.disable_adapter():
+        assert "disabled" in unsupported_reason(lora)
+    assert unsupported_reason(lora) is None
+    lora.train()
+    assert "LoRA dropout in training mode" in unsupported_reason(lora)
+    lora.eval()
+    # the engine generates through the fallback identical to generate
     ids = tok(TEXTS[1])["input_ids"]
+    ours = Engine(dora, tok).generate([ids], SamplingParams(max_new_tokens=10))[0].token_ids
+    ref = dora.generate(input_ids=torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids):].tolist()
+    assert ours == ref
+
+
+def _lora_model(model, targets):
+    """A peft LoRA model over a copy of ``model`` with random, non-zero adapters (B starts at zero in peft, which
+    would make the adapter term vanish), dropout 0.1 (inactive in eval mode)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                           target_modules=targets))
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in lora.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.5)  # a non-zero adapter, so the adapter path is really exercised
-    ours = Engine(lora, tok).generate([ids], SamplingParams(max_new_tokens=10))[0].token_ids
-    ref = lora.generate(input_ids=torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids):].tolist()
-    assert ours == ref
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return lora.eval()
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]])
+def test_lora_step_bit_identical_to_peft_forward(llama, targets):
+    """PPO's policy is a peft LoRA model: the step adds each adapter's term as peft does, so the logits are
+    bit-identical to the peft model's forward (padded batch), sampling and greedy generation equal generate's, and
+    an adapter update between calls is used."""
+    model, tok = llama
+    lora = _lora_model(model, targets)
+    assert unsupported_reason(lora) is None
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    for s, (ours, ref) in enumerate(_compare_steps(lora, prompts, tok.pad_token_id, steps=8)):
+        assert torch.equal(ours, ref), f"step {s}: max diff {(ours - ref).abs().max().item()}"
+    assert FastDecoder.build(lora).lora[0]
+    eng = Engine(lora, tok)
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, logprobs=True)
+    assert [o.token_ids for o in eng.generate(prompts, p)] == \
+        [o.token_ids for o in Engine(lora, tok, fast=False).generate(prompts, p)]
+    before = eng.generate(prompts[:1], SamplingParams(max_new_tokens=10))[0].token_ids
+    with torch.no_grad():
+        for n, prm in lora.named_parameters():
+            if "lora_A" in n:
+                prm.mul_(-2.0)
+    after = eng.generate(prompts[:1], SamplingParams(max_new_tokens=10, logprobs=False))[0].token_ids
+    ids = torch.tensor(prompts[:1])
+    assert after == lora.generate(input_ids=ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert after != before
 
 
 def test_packed_weights_only_where_bit_identical_and_step_stays_identical(llama):

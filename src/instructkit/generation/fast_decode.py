@@ -23,10 +23,14 @@ This module runs the same arithmetic with the model's own weight tensors:
 The prefill is not done here: the engine runs it through the model's ordinary forward (one call per batch, identical
 by construction) and :meth:`FastDecoder.start` copies that cache into the buffers.
 
+A peft model with plain LoRA adapters on the projections (PPO's policy) runs here too: the base matmuls as above, and
+each adapter's ``lora_B(lora_A(x)) * scaling`` added to its projection's output as peft adds it.
+
 Anything else falls back to the ordinary forward (``FastDecoder.build`` returns None and ``unsupported_reason`` says
-why): other architectures, peft/LoRA-wrapped or quantised models, module hooks (accelerate offload), non-fp32 weights,
-biases, attention implementations other than sdpa, logit soft-capping inside attention, bidirectional attention,
-dropout in training mode.
+why): other architectures, other peft methods and LoRA variants (DoRA, merged or disabled adapters, several active
+ones, adapters on the embeddings or the output layer), quantised models, module hooks (accelerate offload), non-fp32
+weights, biases, attention implementations other than sdpa, logit soft-capping inside attention, bidirectional
+attention, dropout in training mode.
 """
 
 from __future__ import annotations
@@ -41,27 +45,82 @@ _SUPPORTED = ("LlamaForCausalLM", "Gemma3ForCausalLM")
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, FastDecoder]" = weakref.WeakKeyDictionary()
 
 
+def _peft_inner(model):
+    """The transformers model inside a peft LoRA wrapper (None when ``model`` is not a peft model)."""
+    if type(model).__name__ not in ("PeftModelForCausalLM", "PeftModel"):
+        return None
+    return model.base_model.model
+
+
+def _lora_reason(lin) -> str | None:
+    """Why a peft LoRA linear layer is outside what the step reproduces (None when it is plain LoRA: one active
+    adapter, not merged, no DoRA or other variant, no LoRA bias, dropout inactive, fp32)."""
+    if type(lin).__module__ != "peft.tuners.lora.layer" or type(lin).__name__ != "Linear":
+        return f"replaced linear layer {type(lin).__name__} (quantised or adapter-wrapped)"
+    if type(lin.base_layer) is not torch.nn.Linear:
+        return f"LoRA over {type(lin.base_layer).__name__}"
+    if lin.merged or lin.disable_adapters:
+        return "LoRA adapter merged or disabled"
+    if len(lin.active_adapters) != 1 or lin.active_adapters[0] not in lin.lora_A:
+        return "not exactly one active LoRA adapter"
+    name = lin.active_adapters[0]
+    if name in getattr(lin, "lora_variant", {}) or getattr(lin, "use_dora", {}).get(name, False):
+        return "LoRA variant (DoRA or other)"
+    if lin.lora_A[name].bias is not None or lin.lora_B[name].bias is not None:
+        return "LoRA bias"
+    if lin.training and not isinstance(lin.lora_dropout[name], torch.nn.Identity):
+        return "LoRA dropout in training mode"
+    if lin.lora_A[name].weight.dtype != torch.float32 or lin.lora_B[name].weight.dtype != torch.float32:
+        return "LoRA weights not float32"
+    return None
+
+
+def _lora(lin):
+    """(lora_A, lora_B, scaling) of a LoRA layer's active adapter, or None for a plain nn.Linear."""
+    if type(lin) is torch.nn.Linear:
+        return None
+    name = lin.active_adapters[0]
+    return lin.lora_A[name], lin.lora_B[name], lin.scaling[name]
+
+
 def unsupported_reason(model) -> str | None:
     """Why ``model`` cannot use the lean decode step (None when it can). Every config field the step relies on is
-    checked explicitly; an unknown architecture is never guessed at."""
+    checked explicitly; an unknown architecture is never guessed at. A peft model with plain LoRA adapters on the
+    attention and MLP projections is supported (the adapter's low-rank term is added as peft adds it)."""
+    inner = _peft_inner(model)
+    if inner is not None:
+        if len(getattr(model, "peft_config", {})) != 1 or type(model.peft_config[model.active_adapter]).__name__ \
+                != "LoraConfig":
+            return "peft model other than a single LoRA adapter"
+        model = inner
     name = type(model).__name__
     if name not in _SUPPORTED:
         return f"architecture {name} (supported: {', '.join(_SUPPORTED)})"
     cfg = model.config
     if getattr(cfg, "_attn_implementation", None) != "sdpa":
         return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} (only 'sdpa')"
+    projections = set()
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            projections.update(map(id, lin.modules()))  # an adapter's own submodules are judged with its layer
     for m in model.modules():
         if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
             return f"module hooks on {type(m).__name__} (offloading or instrumentation)"
-        if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear:
+        if type(m).__module__.startswith("peft.") and id(m) not in projections:
+            return f"peft module {type(m).__name__} outside the attention and MLP projections"
+        if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear and not type(m).__module__.startswith(
+                "peft."):
             return f"replaced linear layer {type(m).__name__} (quantised or adapter-wrapped)"
-    # the step reads these modules' weights directly: each must be a plain nn.Linear (a peft LoRA layer wraps one and
-    # forwards .weight to it, so reading .weight would silently drop the adapter)
+    # the step reads these modules' weights directly: each must be a plain nn.Linear or plain LoRA over one (a LoRA
+    # layer forwards .weight to its base layer; the step adds the adapter's term itself)
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
             if type(lin) is not torch.nn.Linear:
-                return f"replaced linear layer {type(lin).__name__} (quantised or adapter-wrapped)"
+                reason = _lora_reason(lin)
+                if reason is not None:
+                    return reason
     if type(model.lm_head) is not torch.nn.Linear:
         return f"replaced output layer {type(model.lm_head).__name__}"
     for p in model.parameters():
@@ -108,6 +167,7 @@ class FastDecoder:
     def __init__(self, model):
         # a weak reference: decoders are cached in a WeakKeyDictionary keyed by the model, and a strong one from the
         # value would keep every model ever generated from alive
+        model = _peft_inner(model) or model  # a LoRA model: the transformers model inside, adapters read per step
         self._model_ref = weakref.ref(model)
         cfg = model.config
         self.gemma = type(model).__name__ == "Gemma3ForCausalLM"
@@ -169,6 +229,14 @@ class FastDecoder:
 
     def refresh(self) -> None:
         """(Re)build the fused weights if any source tensor was replaced or modified in place since the last build."""
+        # per layer: projection name -> (lora_A, lora_B, scaling) of the active adapter; looked up on every build
+        # (cheap), so switching adapters is picked up; the adapter weights themselves are read at each step
+        self.lora: list[dict] = []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            named = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "gate": m.gate_proj,
+                     "up": m.up_proj, "down": m.down_proj}
+            self.lora.append({n: _lora(lin) for n, lin in named.items() if type(lin) is not torch.nn.Linear})
         versions = [(t.data_ptr(), t._version) for t in self._sources()]
         if versions == self._versions:
             return
@@ -320,9 +388,13 @@ class FastDecoder:
             else:
                 h = self._llama_norm(x, layer.input_layernorm.weight)
             qkv = self._linear(h, self.qkv[i], ("qkv", i))  # (b, (heads + 2 kv_heads) * d)
-            q = qkv[:, :qd].view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)  # (b, heads, 1, d)
-            k = qkv[:, qd:qd + kd].view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            v = qkv[:, qd + kd:].view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
+            lora = self.lora[i]
+            if lora:
+                q, k, v = (_add_lora(y, h, lora.get(n)) for y, n in ((q, "q"), (k, "k"), (v, "v")))
+            q = q.reshape(b, 1, self.n_heads, self.head_dim).transpose(1, 2)  # (b, heads, 1, d)
+            k = k.reshape(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.reshape(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
             if self.gemma:
                 q = self._gemma_norm(q, n_q)
                 k = self._gemma_norm(k, n_k)
@@ -331,7 +403,7 @@ class FastDecoder:
             state.keys[i][:, :, t:length] = k
             state.values[i][:, :, t:length] = v
             o = self._attend(q, state.keys[i], state.values[i], mask_cols, lt, length, masks)
-            o = self._linear(o, a.o_proj.weight, ("o", i))
+            o = _add_lora(self._linear(o, a.o_proj.weight, ("o", i)), o, lora.get("o"))
             if self.gemma:
                 x = x + self._gemma_norm(o, n_post_attn)
                 h = self._gemma_norm(x, n_pre_ff)
@@ -339,7 +411,11 @@ class FastDecoder:
                 x = x + o
                 h = self._llama_norm(x, layer.post_attention_layernorm.weight)
             gu = self._linear(h, self.gate_up[i], ("gate_up", i))  # (b, 2 * intermediate)
-            m = self._linear(self.act(gu[:, :self.inter]) * gu[:, self.inter:], layer.mlp.down_proj.weight, ("down", i))
+            gate, up = gu[:, :self.inter], gu[:, self.inter:]
+            if lora:
+                gate, up = _add_lora(gate, h, lora.get("gate")), _add_lora(up, h, lora.get("up"))
+            m = self.act(gate) * up
+            m = _add_lora(self._linear(m, layer.mlp.down_proj.weight, ("down", i)), m, lora.get("down"))
             x = x + (self._gemma_norm(m, n_post_ff) if self.gemma else m)
         state.length = length
         return model.model.norm(x)
@@ -382,6 +458,15 @@ class FastDecoder:
         if self._greedy is None or self._greedy[0] != key:
             self._greedy = (key, GreedyHead.build(w.detach()))
         return self._greedy[1]
+
+
+def _add_lora(y: torch.Tensor, x: torch.Tensor, lora) -> torch.Tensor:
+    """y + lora_B(lora_A(x)) * scaling, the expression peft's LoRA Linear evaluates (dropout is inactive here), so the
+    sum is bit-identical to the peft model's; y unchanged without an adapter."""
+    if lora is None:
+        return y
+    a, b, scaling = lora
+    return y + F.linear(F.linear(x, a.weight), b.weight) * scaling
 
 
 def _mkl_packed_available() -> bool:
