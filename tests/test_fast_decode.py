@@ -168,7 +168,7 @@ def test_gemma3_greedy_without_logprobs_identical_to_generate():
     assert [o.token_ids for o in ours] == _hf_greedy_rows(model, prompts, 0, 16, [stop])
     assert all(o.logprobs == [] for o in ours)
     head = FastDecoder.build(model)._greedy_head()
-    assert head is not None and head._tries and all(calls > 0 and none == 0 for calls, none in head._tries.values())
+    assert head is not None and head._tries and all(t[0] > 0 and t[1] == 0 for t in head._tries.values())
 
 
 def _greedy_head_case(rows: int, seed: int):
@@ -202,7 +202,8 @@ def test_greedy_head_argmax_equals_full_argmax(rows):
 
 def test_greedy_head_gives_up_where_it_cannot_help():
     """Non-finite inputs and flat distributions return None (the caller computes all logits); after 16 calls at one
-    row count with mostly None the head stops computing its approximation there."""
+    row count that cost more than the full matmul (every one returned None here) the head stops computing its
+    approximation there."""
     from instructkit.generation.fast_decode import GreedyHead
 
     head, w, x = _greedy_head_case(2, 0)
@@ -215,7 +216,7 @@ def test_greedy_head_gives_up_where_it_cannot_help():
     flat._low = lambda rows: (calls.append(rows), low(rows))[1]
     for _ in range(20):
         assert flat.argmax(torch.randn(2, 96)) is None
-    assert flat._tries[2] == [16, 16]
+    assert flat._tries[2][:2] == [16, 16]
     assert len([c for c in calls if c == 2]) == 16 + 1  # 16 tries plus the probe, none after giving up
     assert GreedyHead.build(w.double()) is None
 
