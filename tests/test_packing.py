@@ -3,6 +3,7 @@ equal the unpacked ones (each sample attends only to itself; positions restart p
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -126,3 +127,67 @@ def test_packed_losses_equal_unpacked_per_sample(tiny_model_dir):
         labels[0, sel] = batch["labels"][0, sel]
         loss, n = sft_loss(hidden, labels, head)
     assert abs((loss / n).item() - unpacked[2]) > 1e-3
+
+
+def _tiny_gemma3_window(window: int):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                           sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+                           max_position_embeddings=256, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_segment_attention_equals_the_dense_block_mask(arch, tiny_model_dir):
+    """packed_hidden_states runs each sample's attention on its own (models/load.py); it must give the hidden states
+    and gradients of the dense block-causal mask path (GQA, and a Gemma 3 sliding window of 6 shorter than a 13-token
+    sample, so the band mask is exercised), and leave the model's own attention switched back on."""
+    from transformers import AutoModelForCausalLM
+
+    from instructkit.models import load
+    from instructkit.models.load import packed_hidden_states
+
+    if arch == "llama":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    else:
+        model = _tiny_gemma3_window(6)
+    model.train()  # dropout is 0 in these configs; train mode as in the recipes
+    g = torch.Generator().manual_seed(1)
+    samples = [Sample(torch.randint(5, 500, (n,), generator=g).tolist(), [1] * n) for n in (9, 5, 13, 4, 7)]
+    batch = collate_rows([samples[:3], samples[3:]], 0)
+    assert load._segment_attention_ok(model.model)
+
+    def run(segmented: bool):
+        model.zero_grad()
+        ok = load._segment_attention_ok
+        if not segmented:
+            load._segment_attention_ok = lambda body: False
+        try:
+            hidden = packed_hidden_states(model, batch)
+        finally:
+            load._segment_attention_ok = ok
+        real = batch["segment_ids"] >= 0
+        (hidden[real] ** 2).mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return hidden[real].detach(), grads
+
+    h_seg, g_seg = run(True)
+    h_dense, g_dense = run(False)
+    assert torch.allclose(h_seg, h_dense, atol=1e-5, rtol=1e-5), (h_seg - h_dense).abs().max()
+    assert len(g_seg) == len(g_dense) > 0
+    for a, b in zip(g_seg, g_dense):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+    assert model.config._attn_implementation == "sdpa"
+    # and the model's own forward is unaffected afterwards (no segments needed)
+    model(input_ids=batch["input_ids"][:1, :9])
+
+
+def test_segments_of_a_packed_row():
+    from instructkit.models.load import _segments
+
+    assert _segments(torch.tensor([[0, 0, 0, 1, 1, -1, -1], [0, 1, 2, 2, 2, 2, 2]])) == [
+        [(0, 3), (3, 5), (5, 7)], [(0, 1), (1, 2), (2, 7)]]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from instructkit.config import ConfigError, LoRAConfig, ModelConfig
 
@@ -172,14 +173,100 @@ def packed_attention_mask(model, segment_ids: torch.Tensor, dtype: torch.dtype):
 
 
 def packed_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T, H) final hidden states of a packed batch (see training/packing.py): each sample attends only to itself."""
+    """(B, T, H) final hidden states of a packed batch (see training/packing.py): each sample attends only to itself.
+
+    Models with standard sdpa attention run each sample's attention separately (``_segment_attention``); others get
+    the dense block-causal mask."""
     body, _, _ = causal_lm_parts(model)
+    if _segment_attention_ok(body):
+        segments = _segments(batch["segment_ids"])
+        impl = body.config._attn_implementation
+        body.config._attn_implementation = _SEGMENT_ATTENTION
+        try:
+            out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                       use_cache=False, instructkit_segments=segments)
+        finally:
+            body.config._attn_implementation = impl
+        return out.last_hidden_state
     dtype = body.get_input_embeddings().weight.dtype
     if not dtype.is_floating_point:
         dtype = torch.float32
     mask = packed_attention_mask(body, batch["segment_ids"], dtype)
     out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False)
     return out.last_hidden_state
+
+
+# Attention of a packed batch, one sample at a time. Why: with the dense block-causal mask every row's attention costs
+# T^2 (the pack length squared) whatever the samples; per sample it costs the sum of their squared lengths, and each
+# call is plain causal sdpa with no mask to build or read. Measured for one gemma-3-270m attention layer (4 query heads,
+# 1 kv head, head_dim 256, forward + backward, 2 threads): a 256-token row of 4 samples 4.1 -> 2.7 ms, 1,024 tokens
+# of 8 samples 50 -> 18 ms, 2,048 tokens of 16 samples 201 -> 45 ms (x 18 layers per step). Registered with transformers' attention interface under its own name and
+# switched on only for the packed forward, so generation and everything else keep the model's own attention.
+_SEGMENT_ATTENTION = "instructkit_segments"
+_SEGMENT_MODEL_TYPES = {"llama", "gemma3_text", "qwen2", "qwen3", "mistral"}
+
+
+def _segment_attention_ok(body) -> bool:
+    cfg = body.config
+    return (getattr(cfg, "model_type", None) in _SEGMENT_MODEL_TYPES and cfg._attn_implementation == "sdpa"
+            and getattr(cfg, "attn_logit_softcapping", None) is None
+            and not getattr(cfg, "use_bidirectional_attention", False) and _register_segment_attention())
+
+
+def _segments(segment_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) column ranges of its samples, then its padding tail (segment -1) as one more range."""
+    out = []
+    for row in segment_ids.tolist():
+        bounds, start = [], 0
+        for t in range(1, len(row) + 1):
+            if t == len(row) or row[t] != row[start]:
+                bounds.append((start, t))
+                start = t
+        out.append(bounds)
+    return out
+
+
+def _segment_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                               sliding_window=None, instructkit_segments=None, **kwargs):
+    """Causal sdpa within each segment. query (B, heads, T, d), key/value (B, kv_heads, T, d) -> (B, T, heads, d), as
+    transformers' sdpa integration returns. A segment longer than a local layer's ``sliding_window`` gets the band
+    mask (key at most window - 1 positions back); padding is its own segment (its outputs are never supervised)."""
+    if instructkit_segments is None:
+        raise RuntimeError("segment attention called without segments (only packed_hidden_states switches it on)")
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for b, bounds in enumerate(instructkit_segments):
+        parts = []
+        for s, e in bounds:
+            q, k, v = query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e]
+            n = e - s
+            if sliding_window is not None and n > sliding_window:
+                i = torch.arange(n, device=query.device)
+                band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout, scale=scaling,
+                                                   enable_gqa=gqa)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
+                                                   enable_gqa=gqa)
+            parts.append(o)
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+_REGISTERED: list[bool] = []
+
+
+def _register_segment_attention() -> bool:
+    if not _REGISTERED:
+        try:
+            from transformers import AttentionInterface, AttentionMaskInterface
+
+            AttentionInterface.register(_SEGMENT_ATTENTION, _segment_attention_forward)
+            AttentionMaskInterface.register(_SEGMENT_ATTENTION, lambda *args, **kwargs: None)  # no mask to build
+            _REGISTERED.append(True)
+        except (ImportError, AttributeError, TypeError):
+            _REGISTERED.append(False)
+    return _REGISTERED[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
