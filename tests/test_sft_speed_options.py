@@ -180,3 +180,26 @@ def test_sft_batch_loss_uses_fused_head_on_tiny_model(tiny_model_dir):
     assert abs(l1 - l2) < 1e-12
     assert g1.keys() == g2.keys() and len(g1) > 5
     assert max((g1[k] - g2[k]).abs().max().item() for k in g1) < 1e-12
+
+
+def test_streaming_pass_over_blocks_and_row_groups(monkeypatch):
+    """The frozen-head path streams W in blocks with a running-maximum softmax: with blocks of 4 vocabulary rows (11 =
+    4 + 4 + a shorter 3) and row groups of 5 (13 rows = 5 + 5 + 3) it must equal the full-logits reference in fp64, a
+    target in every block, and a large logit range (the running maximum changes between blocks)."""
+    from instructkit import losses
+
+    monkeypatch.setattr(losses, "STREAM_BLOCK", 4)
+    monkeypatch.setattr(losses, "STREAM_ROWS", 5)
+    hidden, head, labels, _ = _problem(False, seed=7)
+    labels[0, :3] = torch.tensor([1, 5, 9])  # targets in each block (row 0 is fully supervised)
+    with torch.no_grad():
+        head.weight[9] *= 25.0  # one far larger logit, in the last block
+    head.weight.requires_grad_(False)
+    ref = _reference(hidden, head, labels, None)
+    ref_g = torch.autograd.grad(ref * 0.5, hidden)[0]
+    loss, n = sft_loss_fused(hidden, labels, head, None)
+    g = torch.autograd.grad(loss * 0.5, hidden)[0]
+    assert "Fused" in type(loss.grad_fn).__name__
+    assert abs(loss.item() - ref.item()) < 1e-11
+    assert torch.allclose(g, ref_g, atol=1e-11, rtol=0)
+    assert {int(t) // 4 for t in labels[labels != IGNORE]} == {0, 1, 2}

@@ -273,6 +273,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, target, logit_softcap, chunk_rows):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_h and not need_w and not logit_softcap and h.dtype in (torch.float32, torch.float64) \
+                and weight.dtype == h.dtype:  # a frozen head (LoRA): one streaming pass over W
+            loss, grad_h = _streaming_ce_and_input_grad(h, weight, target)
+            ctx.save_for_backward(grad_h, None)
+            ctx.used = False
+            return loss
         grad_h = torch.zeros_like(h) if need_h else None  # (N, H)
         grad_w = torch.zeros_like(weight) if need_w else None  # (V, H)
         loss = None
@@ -314,6 +320,54 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_w.mul_(grad_out) if grad_w is not None else None, None, None, None)
 
 
+STREAM_BLOCK = 4096  # vocabulary rows per block of the streaming pass
+STREAM_ROWS = 1024  # input rows per pass over W
+
+
+def _streaming_ce_and_input_grad(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_i CE(W h_i, t_i) and its gradient dL/dh = softmax(W h_i) W - W_{t_i}, for a frozen W, in one pass over
+    W's rows in blocks of STREAM_BLOCK, with the online (running-maximum) softmax of flash attention: per block b,
+
+        z = h W_b^T;  m' = max(m, max_b z);  s = s e^(m - m') + sum_b e^(z - m');  a = a e^(m - m') + e^(z - m') W_b
+
+    and at the end lse = m + log s, loss = sum_i (lse_i - z_{i, t_i}), dL/dh = a / s - W_t. Shapes: h (N, H), W (V, H),
+    t (N,); z (N, block) stays in cache. Why: the two-pass chunks write the (rows, V) logits out to memory and read
+    them back four times (log-softmax, exp, the gradient matmul); here each block's logits are used while hot, the
+    same FLOPs (4 V H per row). Measured on gemma-3-270m's 262,144 x 640 head, 233 rows, 2 threads: 539 -> 481 ms.
+    The loss differs from the two-pass value only by summation order (~1e-7 relative in fp32)."""
+    n_rows, vocab = h.shape[0], weight.shape[0]
+    loss = None
+    grad_h = torch.empty_like(h)
+    for r0 in range(0, n_rows, STREAM_ROWS):
+        hc, tc = h[r0:r0 + STREAM_ROWS], target[r0:r0 + STREAM_ROWS]
+        n = hc.shape[0]
+        m = torch.full((n,), float("-inf"), dtype=h.dtype, device=h.device)
+        s = torch.zeros(n, dtype=h.dtype, device=h.device)
+        acc = torch.zeros_like(hc)  # (n, H)
+        z_t = torch.empty(n, dtype=h.dtype, device=h.device)
+        work = _logits_workspace(n, min(STREAM_BLOCK, vocab), h.dtype, h.device)
+        for b0 in range(0, vocab, STREAM_BLOCK):
+            wb = weight[b0:b0 + STREAM_BLOCK]  # (B, H)
+            if wb.shape[0] == work.shape[1]:
+                z = torch.mm(hc, wb.t(), out=work[:n])  # (n, B)
+            else:  # a last, shorter block
+                z = torch.mm(hc, wb.t())
+            here = ((tc >= b0) & (tc < b0 + wb.shape[0])).nonzero()[:, 0]
+            if here.numel():
+                z_t[here] = z[here, tc[here] - b0]
+            m_new = torch.maximum(m, z.amax(dim=1))
+            rescale = torch.exp(m - m_new)  # 0 on the first block (m = -inf)
+            z.sub_(m_new[:, None]).exp_()
+            s = s * rescale + z.sum(dim=1)
+            acc.mul_(rescale[:, None]).addmm_(z, wb)
+            m = m_new
+        part = (m + torch.log(s) - z_t).sum()
+        loss = part if loss is None else loss + part
+        torch.sub(acc / s[:, None], weight[tc], out=grad_h[r0:r0 + n])
+    return loss, grad_h
+
+
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 
 
@@ -343,7 +397,9 @@ def sft_loss_fused(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
     sum as sft_loss's, and the gradients are the same up to summation order (~1e-7 relative), for one third fewer
     output-layer FLOPs (measured on gemma-3-270m, 233 supervised rows, 1 thread, 64-row chunks: output layer forward +
     backward 6.1 s -> 3.4 s; whole LoRA step 4.4 -> 3.0 CPU-seconds). Any other output layer (LoRA-wrapped, quantised,
-    with a bias) and no-grad evaluation use sft_loss unchanged.
+    with a bias) and no-grad evaluation use sft_loss unchanged. A frozen fp32/fp64 head without soft-capping (LoRA)
+    takes ``_streaming_ce_and_input_grad`` instead: one pass over W in vocabulary blocks, the loss equal to sft_loss's
+    up to summation order (~1e-7 relative in fp32).
     """
     weight = getattr(output_layer, "weight", None)
     plain = (type(output_layer) is torch.nn.Linear and output_layer.bias is None and isinstance(weight, torch.Tensor)
