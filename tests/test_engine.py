@@ -256,3 +256,10 @@ def test_generate_cli(tiny_model_dir, tmp_path, capsys, model_tok):
     bad.write_text("{oops\n")
     assert main(["generate", "--model", str(tiny_model_dir), "--input", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_sampling_refuses_non_finite_probabilities():
+    """As torch.multinomial did: NaN logits must not silently turn into tokens."""
+    logits = torch.tensor([[0.0, float("nan"), 1.0]])
+    with pytest.raises(ValueError, match="nan"):
+        Engine._choose(logits, SamplingParams(temperature=1.0), [torch.Generator().manual_seed(0)])

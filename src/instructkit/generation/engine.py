@@ -403,7 +403,10 @@ def _sample_rows(probs: torch.Tensor, generators: list) -> torch.Tensor:
     or top-p) is never chosen: its cumulative value equals its predecessor's."""
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=probs.device) for g in generators])
     cdf = probs.double().cumsum(dim=-1)  # (b, V)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # first index with cdf > u * total
+    total = cdf[:, -1]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):  # as torch.multinomial refuses them
+        raise ValueError("probability tensor contains inf, nan or only zeros (non-finite logits?)")
+    idx = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0]  # first index with cdf > u * total
     return idx.clamp_max(probs.shape[-1] - 1)
 
 
