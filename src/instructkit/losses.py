@@ -267,8 +267,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     computes the gradients in forward as here, but is a Triton (GPU) kernel. It works because the gradient of a summed
     cross entropy is known in closed form while the chunk's logits are still in memory: d/dz = softmax(z) - onehot(t)
     (times 1 - tanh^2 under the soft-cap), so forward computes dL/dh = G W and dL/dW = G^T h right away and backward
-    only scales them by the incoming scalar gradient. Per supervised row that is 4 V H FLOPs (logits, dL/dh) instead of
-    6 V H (logits, their recomputation, dL/dh) for ``sft_loss``'s checkpointed chunks, with the same O(chunk x V) peak."""
+    only scales them by the incoming scalar gradient. Per supervised row that is 4 V H FLOPs (logits, dL/dh) instead
+    of 6 V H (logits, their recomputation, dL/dh) for ``sft_loss``'s checkpointed chunks, with the same O(chunk x V)
+    peak."""
 
     @staticmethod
     def forward(ctx, h, weight, target, logit_softcap, chunk_rows):
@@ -393,7 +394,7 @@ def sft_loss_fused(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
 
     When ``output_layer`` is a plain bias-free ``nn.Linear`` (the usual lm_head, tied or not) and a gradient is being
     recorded, the N supervised rows go through ``_FusedLinearCrossEntropy`` in chunks of ``chunk_rows`` (default: as
-    many rows as fit SFT_FUSED_CHUNK_BYTES of fp32 logits; peak about two such chunks): the loss value is the same float
+    many rows as fit SFT_FUSED_CHUNK_BYTES of fp32 logits, in one reused buffer): the loss value is the same float
     sum as sft_loss's, and the gradients are the same up to summation order (~1e-7 relative), for one third fewer
     output-layer FLOPs (measured on gemma-3-270m, 233 supervised rows, 1 thread, 64-row chunks: output layer forward +
     backward 6.1 s -> 3.4 s; whole LoRA step 4.4 -> 3.0 CPU-seconds). Any other output layer (LoRA-wrapped, quantised,

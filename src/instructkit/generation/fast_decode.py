@@ -455,7 +455,7 @@ class FastDecoder:
         if self.final_softcap is not None:
             return None
         w = self.model.lm_head.weight
-        key = (w.data_ptr(), w._version, torch.get_num_threads())
+        key = (w.data_ptr(), w._version)  # the head probes each thread count itself; its copies stay valid
         if self._greedy is None or self._greedy[0] != key:
             self._greedy = (key, GreedyHead.build(w.detach()))
         return self._greedy[1]
@@ -551,12 +551,14 @@ class GreedyHead:
 
     @classmethod
     def build(cls, weight: torch.Tensor) -> "GreedyHead | None":
-        if weight.dtype != torch.float32 or weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
+        if (weight.dtype != torch.float32 or weight.dim() != 2 or not weight.is_contiguous()
+                or weight.device.type != "cpu"):
             return None
         return cls(weight)
 
     def _low(self, rows: int):
-        """The low-precision copy used for ``rows`` input rows, built on first use: (fn x -> approx logits, R^, e_q)."""
+        """The low-precision copy used for ``rows`` input rows, built on first use: (fn x -> approx logits, R^, e_i
+        per vocabulary row for int8 or None for bf16)."""
         if rows == 1 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             if self._int8 is None:
                 s = self.w.abs().amax(dim=1) / 127
@@ -565,8 +567,8 @@ class GreedyHead:
                 deq = q.float() * s.float()[:, None]  # exact in fp32 (7-bit times 8-bit significands)
                 self._int8 = (q, s, float(deq.norm(dim=1).max()), (self.w - deq).abs().amax(dim=1))
                 del deq
-            q, s, r_low, e_q = self._int8
-            return (lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, s)), r_low, e_q
+            q, s, r_low, e_rows = self._int8
+            return (lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, s)), r_low, e_rows
         if self._bf16 is None:
             wb = self.w.to(torch.bfloat16)
             self._bf16 = (wb, float(wb.float().norm(dim=1).max()))
