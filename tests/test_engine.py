@@ -126,6 +126,37 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch(model_tok):
     assert [o.token_ids for o in a] != [o.token_ids for o in c]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_sampled_rows_with_one_prompt_share_its_prefill(model_tok, fast):
+    """Sampling several responses per prompt (PPO/GRPO rollouts): the prefill runs the distinct prompts once and each
+    row starts from its prompt's cache and logits; rows still draw their own samples (row i: seed + i), and the first
+    token's log-probability is the same for every row of one prompt and that of an unshared run within rounding."""
+    model, tok = model_tok
+    a, b = tok(TEXTS[0])["input_ids"], tok(TEXTS[3])["input_ids"]
+    prompts = [a, b, a, a, b]
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, seed=11, top_k=1)  # top_k=1: row tokens comparable
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: widths.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        eng = Engine(model, tok, fast=fast)
+        shared = eng.generate(prompts, p)
+        assert widths[0] == 2  # the prefill: one row per distinct prompt
+        eng.share_prompts = False
+        widths.clear()
+        alone = eng.generate(prompts, p)
+        assert widths[0] == 5
+    finally:
+        hook.remove()
+    for s, u in zip(shared, alone):
+        assert s.token_ids == u.token_ids
+        assert s.logprobs == pytest.approx(u.logprobs, abs=1e-5)
+    assert shared[0].logprobs[0] == shared[2].logprobs[0] == shared[3].logprobs[0]
+    eng.share_prompts = True
+    free = eng.generate(prompts, SamplingParams(max_new_tokens=10, temperature=1.0, seed=11))
+    assert len({tuple(free[i].token_ids) for i in (0, 2, 3)}) == 3  # each row of prompt a draws its own samples
+
+
 def test_top_k_1_is_greedy_and_low_temperature_is_greedy(model_tok):
     model, tok = model_tok
     eng = Engine(model, tok)

@@ -62,7 +62,7 @@ def _padded(prompts: list[list[int]], pad: int):
     return ids, attn
 
 
-def _compare_steps(model, prompts, pad, steps, use_mask=True):
+def _compare_steps(model, prompts, pad, steps, use_mask=True, exact=True):
     """Teacher-forced decoding of random tokens through (a) the model's forward with a DynamicCache, as the engine's
     generic path and generate do, (b) FastDecoder from the same prefill. Returns the per-step logits pairs."""
     from transformers import DynamicCache
@@ -79,7 +79,7 @@ def _compare_steps(model, prompts, pad, steps, use_mask=True):
         cache = DynamicCache(config=model.config)
         model(input_ids=ids, attention_mask=attn if padded else None, position_ids=pos, past_key_values=cache,
               use_cache=True, logits_to_keep=1)
-        state = dec.start(cache, ids.shape[0], ids.shape[1], ids.shape[1] + steps)
+        state = dec.start(cache, ids.shape[0], ids.shape[1], ids.shape[1] + steps, exact=exact)
         last, mask = pos[:, -1:], attn
         for s in range(steps):
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
@@ -352,7 +352,8 @@ def test_packed_weights_only_where_bit_identical_and_step_stays_identical(llama)
         verdicts = {k: v for k, v in fast_decode._EXACT.items() if k[1] == 16}
         assert verdicts  # the probe ran for the 16-row batch
         packed_shapes = {tuple(dec._matrices()[n].shape) for n in dec._pack}
-        assert packed_shapes == {k[0] for k, ok in verdicts.items() if ok and k[2] == torch.get_num_threads()}
+        assert packed_shapes == {k[0] for k, ok in verdicts.items()
+                                 if ok and k[2] == torch.get_num_threads() and k[3]}
     eng = Engine(model, tok)
     counts: dict[int, int] = {}
     free = eng.generate(prompts, SamplingParams(max_new_tokens=12))
@@ -372,12 +373,38 @@ def test_packed_probe_rejects_a_different_summation_order():
 
     if not fast_decode._mkl_packed_available():
         pytest.skip("torch built without MKL")
-    assert fast_decode._packed_is_exact((3072, 576), 1) is False
+    assert fast_decode._packed_probe((3072, 576), 1) is False
     for rows in (4, 16, 32):
-        if fast_decode._packed_is_exact((960, 576), rows):
+        if fast_decode._packed_probe((960, 576), rows):
             w, x = torch.randn(960, 576), torch.randn(rows, 576)
             packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
             assert torch.equal(torch.ops.mkl._mkl_linear(x, packed, w, None, rows), torch.nn.functional.linear(x, w))
+
+
+def test_sampling_without_logprobs_packs_every_weight_within_rounding(llama, monkeypatch):
+    """exact=False (sampling, no log-probs returned): every weight whose packed product passes the rounding-bound
+    probe is packed, and the step's logits stay within fp32 rounding of the forward's; a kernel that computes
+    something else than the product fails the probe."""
+    from instructkit.generation import fast_decode
+
+    if not fast_decode._mkl_packed_available():
+        pytest.skip("torch built without MKL")
+    model, tok = llama
+    base = [tok(t)["input_ids"] for t in TEXTS]
+    prompts = [base[i % 4][: 3 + i % 5] + [10 + i] for i in range(8)]
+    for ours, ref in _compare_steps(model, prompts, tok.pad_token_id, steps=9, exact=False):
+        assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+    dec = FastDecoder.build(model)
+    assert dec._pack_key == (8, torch.get_num_threads(), False)
+    assert set(dec._pack) == set(dec._matrices())  # all of them, the output layer too
+
+    # the bound: |packed - plain| <= K 2^-23 sum_k |x_k w_k| holds on fresh data, and a kernel off by 1e-3 fails it
+    w, x = torch.randn(96, 1000), torch.randn(8, 1000)
+    got = torch.ops.mkl._mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(w, 8), w, None, 8)
+    assert ((got - x @ w.T).abs() <= 1000 * 2.0**-23 * (x.abs() @ w.abs().T)).all()
+    real = torch.ops.mkl._mkl_linear
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", lambda *a: real(*a) * (1 + 1e-3))
+    assert fast_decode._packed_probe((96, 1000), 8, exact=False) is False
 
 
 @pytest.mark.slow

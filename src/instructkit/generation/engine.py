@@ -12,8 +12,13 @@ kept lean:
   feeds one token per row. For Llama-family and Gemma 3 models those steps run through ``fast_decode.FastDecoder``
   (preallocated key/value buffers written in place, fused q/k/v and gate/up matmuls, MKL-packed weights where they
   are bit-identical, no per-step mask building or output objects): the same float operations in the same order, so
-  the logits are bit-identical to the forward's and greedy outputs stay token-identical to ``generate``. Other models
-  (and ``fast=False``) use the model's forward every step;
+  the logits are bit-identical to the forward's and greedy outputs stay token-identical to ``generate``. Sampling
+  that returns no log-probabilities (rollouts, Self-Instruct) also packs the weights whose packed product is only
+  within fp32 rounding of the plain one: nothing but the sampled tokens leaves the engine there. Other models (and
+  ``fast=False``) use the model's forward every step;
+- when sampling, rows that repeat a prompt (several responses per prompt, as PPO and GRPO rollouts draw) share one
+  prefill: the prompt runs once and its cache is copied to each of its rows (``share_prompts``). Greedy decoding
+  keeps the prefill of the batch as given;
 - only the last position goes through the output layer (``logits_to_keep=1``), which matters for Gemma's 262k-row
   output layer, and keeps the model's own final-logit soft-capping;
 - rows that finish are dropped from the batch (``DynamicCache.batch_select_indices``) once enough of them have finished
@@ -118,6 +123,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.template = template
         self.prune_finished = True  # drop finished rows from the batch (see the module docstring)
+        self.share_prompts = True  # sampling: rows with the same prompt share one prefill (see the module docstring)
         # the lean decode step of fast_decode.py for the models it supports (others, and fast=False, use the forward)
         self.fast = fast
         self._renderer = None
@@ -292,9 +298,13 @@ class Engine:
         from transformers import DynamicCache
 
         active = list(range(B))  # indices into rows of the sequences still in the batch
+        share = self._shared_prompts(rows) if params.temperature > 0 and self.share_prompts else None
+        if share is not None:
+            share = (share[0].to(device), share[1].to(device))
+        first = slice(None) if share is None else share[0]
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=attn if padded else None, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids[first], attention_mask=attn[first] if padded else None,
+                    position_ids=position_ids[first], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         logits = out.logits[:, -1, :]
         del out
@@ -304,8 +314,15 @@ class Engine:
             from instructkit.generation.fast_decode import FastDecoder
 
             fast = FastDecoder.build(model)
+        if share is not None:
+            logits = logits.index_select(0, share[1])
+            if fast is None:
+                cache.batch_select_indices(share[1])
         if fast is not None:  # the prefill's cache moves into preallocated buffers written in place
-            cache = fast.start(cache, B, max_len, max_len + params.max_new_tokens)
+            # bit-identical logits where they can be seen: greedy tokens, log-probs (see FastDecoder.prepare)
+            cache = fast.start(cache, B, max_len, max_len + params.max_new_tokens,
+                               exact=params.temperature == 0 or params.logprobs,
+                               rows=None if share is None else share[1])
         # greedy without log-probs or penalty needs only each step's argmax: the lean step finds it without every logit
         greedy_ids = (fast is not None and params.temperature == 0 and params.repetition_penalty == 1.0
                       and not params.logprobs)
@@ -372,6 +389,20 @@ class Engine:
                             position_ids=last_pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
                 logits = out.logits[:, -1, :]
+
+    @staticmethod
+    def _shared_prompts(rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(distinct, source) when some rows repeat a prompt: ``distinct`` the first row of each distinct prompt (the
+        rows the prefill runs), ``source[i]`` the position in ``distinct`` that row i's cache and first logits come
+        from; None when every prompt is distinct. PPO and GRPO rollouts sample several responses per prompt: the
+        prompt is the long part, so its prefill runs once (for SmolLM2 with a LoRA adapter, 8 rows of ~100 prompt
+        tokens, 4 per prompt: 850 -> 230 ms)."""
+        seen: dict[tuple[int, ...], int] = {}
+        source = [seen.setdefault(tuple(r.prompt), len(seen)) for r in rows]
+        if len(seen) == len(rows):
+            return None
+        distinct = [source.index(j) for j in range(len(seen))]
+        return torch.tensor(distinct, dtype=torch.long), torch.tensor(source, dtype=torch.long)
 
     @staticmethod
     def _choose(scores: torch.Tensor, params: SamplingParams, generators: list | None) -> torch.Tensor:
