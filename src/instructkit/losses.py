@@ -169,7 +169,12 @@ def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch
 
     Shapes: logits (B, T, V), mask (B, T). An entropy bonus enters the PPO loss as ``- coef * H``.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return entropy_from_logprobs(torch.log_softmax(logits.float(), dim=-1), mask)
+
+
+def entropy_from_logprobs(logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`entropy_from_logits` from log-probabilities logp = log_softmax(logits) (B, T, V) already computed (the
+    PPO loss reuses the log-softmax of its ratio)."""
     ent = -(logp.exp() * logp).sum(-1)  # (B, T)
     h = masked_mean(ent, mask)
     return h, {"entropy": h.detach()}

@@ -68,7 +68,9 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if hidden is None:
         hidden = body_hidden(body, input_ids, attention_mask)  # (B, L, H)
     h = hidden[:, prompt_width - 1: prompt_width - 1 + response_width]  # (B, R, H)
-    logits = head(h).float()  # (B, R, V)
+    # as one (B*R, H) matrix: the strided 3-D slice made the output layer a batched matmul with the weight expanded
+    # per row (190 vs 350 GFLOP/s for SmolLM2's 49,152 rows here, forward and backward)
+    logits = head(h.reshape(-1, h.shape[-1])).float().view(h.shape[0], h.shape[1], -1)  # (B, R, V)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:

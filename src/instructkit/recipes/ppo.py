@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from instructkit.config import ConfigError, PPOConfig, to_dict
-from instructkit.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss, sft_loss
+from instructkit.losses import (entropy_from_logits, entropy_from_logprobs, ppo_policy_loss, ppo_value_loss,
+                                sft_loss)
 from instructkit.models.value_head import (ValueHead, gather_logprobs, load_reward_model, load_sequence_classifier,
                                            response_logits, sequence_scores, token_scores)
 from instructkit.rl.advantage import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards,
@@ -185,11 +186,13 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         logits, hidden = response_logits(model.policy, traj.input_ids, traj.attention_mask, p, r, cfg.temperature)
         tokens = traj.input_ids[:, p:p + r]
         mask = traj.response_mask
-        logp = gather_logprobs(logits, tokens)  # (b, R)
+        logp_all = torch.log_softmax(logits, dim=-1)  # (b, R, V): the ratio's and the entropy's, computed once
+        logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (b, R), = gather_logprobs(logits, tokens)
         pg, pg_m = ppo_policy_loss(logp, traj.logprobs, traj.advantages, mask, cfg.clip_range)
         values = model.values(traj, hidden)  # (b, R)
         vf, vf_m = ppo_value_loss(values, traj.values, traj.returns, mask, cfg.clip_range_value)
-        ent, _ = entropy_from_logits(logits, mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.entropy_coef != 0):
+            ent, _ = entropy_from_logprobs(logp_all, mask)  # with a zero coefficient: logged, no backward through it
         n = mask.sum()
         loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * ent
         stats = {"policy_loss": pg.item(), "value_loss": vf.item(), "entropy": ent.item(), **{
