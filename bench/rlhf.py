@@ -21,9 +21,10 @@ model, samples G completions per prompt and normalises rewards within each group
 GAE, whitened advantages and the KL penalty folded into per-token rewards. The work per iteration is made the same as
 far as that allows:
 - the same model folder, fp32, 2 threads; TRL with bf16 and gradient checkpointing off (its best CPU settings);
-- the same prompts: 2 alpaca prompts; TRL samples each 4 times (num_generations=4), ours reads a file with each prompt
-  4 times and takes all 8 (rollout_batch_size=8): identical prompt token ids on both sides (checked, the run fails
-  otherwise); HF `generate` on TRL's side (no vLLM here), instructkit's Engine on ours;
+- the same prompts: 2 alpaca prompts; TRL samples each 4 times (num_generations=4), ours too (samples_per_prompt=4,
+  rollout_batch_size=8): identical prompt token ids on both sides (checked, the run fails otherwise); HF `generate`
+  on TRL's side (no vLLM here), instructkit's Engine on ours. Ours runs each prompt's forward once for its 4 rows
+  (rollout prefill, scoring, updates); TRL runs it per row;
 - the same sampling: temperature 1.0, no top-k/top-p, max 32 new tokens, stop at end-of-turn;
 - the same reward: `instructkit.rl.rollout:token_fraction_reward` (fraction of completion tokens with an even id);
 - the same updates: ours ppo_epochs=2 x 2 mini-batches of 4 = 4 AdamW steps per iteration; TRL
@@ -276,16 +277,17 @@ def rl_child_instructkit(spec: dict) -> dict:
     work = Path(spec["work"]) / "ik"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    data = work / "prompts.jsonl"  # each prompt num_generations times: rollout_batch_size = all of them
+    data = work / "prompts.jsonl"  # every prompt in each rollout batch, num_generations responses each
     data.write_text("".join(json.dumps({"messages": p + [{"role": "assistant", "content": "-"}]}) + "\n"
-                            for p in spec["prompts"] for _ in range(spec["num_generations"])))
+                            for p in spec["prompts"]))
     lora = spec["lora"]
     overrides = [f"model.path={spec['model_dir']}", f"train.output_dir={work}", "train.run_name=ik",
                  f"train.max_steps={spec['iterations']}", f"train.micro_batch_size={spec['mini_batch']}",
                  "train.grad_accum=1", f"train.lr={spec['lr']}", "train.schedule=constant", "train.resume=never",
                  "train.max_grad_norm=1.0", "train.save_every=0", f"train.seed={spec['seed']}",
                  f"train.threads={spec['threads']}", "data.max_length=512", "data.validation_fraction=0",
-                 f"rollout_batch_size={spec['rollouts']}", f"ppo_epochs={spec['ppo_epochs']}",
+                 f"rollout_batch_size={spec['rollouts']}", f"samples_per_prompt={spec['num_generations']}",
+                 f"ppo_epochs={spec['ppo_epochs']}",
                  f"max_new_tokens={spec['max_new_tokens']}", f"temperature={spec['temperature']}",
                  f"kl_coef={spec['kl_coef']}", "value_model=head",
                  "reward_function=instructkit.rl.rollout:token_fraction_reward"]

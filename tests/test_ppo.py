@@ -85,6 +85,22 @@ def test_features_lora_adaptive_kl_missing_eos_ptx(prompts, tmp_path, shared_dat
     assert (tmp_path / "feat" / "model" / "adapter_config.json").exists()
 
 
+def test_several_samples_per_prompt_keep_the_invariants(prompts, tmp_path, capsys):
+    """samples_per_prompt=4: 4 prompts x 4 responses per iteration, the rows of one prompt sharing its forward (rollout
+    prefill, scoring, updates); the first update still sees ratio exactly 1 and, with LoRA, KL exactly 0, because
+    scoring and update are the same computation on the same batch."""
+    m = ppo(prompts, tmp_path, "spp", "train.max_steps=2", "max_new_tokens=4", "ppo_epochs=1",
+            "train.micro_batch_size=16", "samples_per_prompt=4", "lora.enabled=true", "lora.r=8", "train.lr=0.01")
+    first = m[0]
+    assert first["ratio"] == 1.0 and first["clipfrac"] == 0.0 and first["approx_kl"] == 0.0
+    assert first["kl"] == 0.0
+    samples = [json.loads(x) for x in (tmp_path / "spp" / "samples.jsonl").read_text().splitlines()]
+    step1 = [s for s in samples if s["step"] == 1]
+    assert len(step1) == 4 and all(s["prompt"] == step1[0]["prompt"] for s in step1)  # rows 0-3: one prompt
+    assert cli(["ppo", "--config", CONFIG, f"train.output_dir={tmp_path}", "samples_per_prompt=3"]) == 2
+    assert "rollout_batch_size / samples_per_prompt" in capsys.readouterr().err
+
+
 def test_reward_model_scores_with_a_separate_critic(prompts, tmp_path):
     """A tiny RM (same tokenizer) scores rollouts; the critic starts from it (InstructGPT)."""
     rm_cfg = str(Path(CONFIG).with_name("tiny_reward_model.yaml"))

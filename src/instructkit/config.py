@@ -385,7 +385,11 @@ class PPOConfig:
     """separate: a critic with its own backbone (initialised from the reward model when there is one, else from the
     policy); head: a value head on the policy's hidden states (shared backbone, less memory)."""
     rollout_batch_size: int = 16
-    """Prompts (one response each) per PPO iteration."""
+    """Responses per PPO iteration: rollout_batch_size / samples_per_prompt prompts."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (1: InstructGPT's PPO; several, like OpenRLHF's n_samples_per_prompt, gives each
+    prompt several chances per iteration). The rows of one prompt share its prefill in the rollout and its forward
+    in scoring and in the updates."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     max_new_tokens: int = 32
@@ -436,6 +440,9 @@ class PPOConfig:
             raise ConfigError(f"kl_estimator must be k1, k2, abs or k3, got {self.kl_estimator!r}")
         exact_div(self.rollout_batch_size, self.train.micro_batch_size * self.train.grad_accum,
                   "rollout_batch_size / (train.micro_batch_size * train.grad_accum)")
+        if self.samples_per_prompt < 1:
+            raise ConfigError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        exact_div(self.rollout_batch_size, self.samples_per_prompt, "rollout_batch_size / samples_per_prompt")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_coef > 0 needs ptx_data")
 

@@ -139,10 +139,12 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
 
     # -- data
     prompt_ids, prompt_msgs, data_stats = load_prompts(cfg, renderer, run_dir)
-    if len(prompt_ids) < cfg.rollout_batch_size:
+    n_prompts = cfg.rollout_batch_size // cfg.samples_per_prompt
+    if len(prompt_ids) < n_prompts:
         from instructkit.data.schema import DataError
 
-        raise DataError(f"{len(prompt_ids)} usable prompts, fewer than rollout_batch_size={cfg.rollout_batch_size}")
+        raise DataError(f"{len(prompt_ids)} usable prompts, fewer than the {n_prompts} of each rollout batch "
+                        f"(rollout_batch_size={cfg.rollout_batch_size} / samples_per_prompt={cfg.samples_per_prompt})")
     ptx: list[Sample] = []
     if cfg.ptx_coef > 0:
         convs, _ = read_sources(cfg.data, cfg.ptx_data, run_dir, expect="conversation")
@@ -209,7 +211,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     # -- iterations
     while it < iterations:
         rng = random.Random(f"{cfg.data.seed}:{it}")
-        chosen = rng.sample(range(len(prompt_ids)), cfg.rollout_batch_size)
+        chosen = [i for i in rng.sample(range(len(prompt_ids)), n_prompts) for _ in range(cfg.samples_per_prompt)]
         batch_prompts = [prompt_ids[i] for i in chosen]
 
         # rollouts
