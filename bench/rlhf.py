@@ -410,8 +410,9 @@ def run_rl(args) -> dict:
         summary: dict = {"setup": {**cfg, **RL_SHAPE, "model_dir": prep["model_dir"], "vocab": prep["vocab"],
                                    "optimizer_steps_per_iteration": runs["trl"][0]["optimizer_steps_per_iteration"],
                                    "prompt_tokens": [len(p) for p in runs["trl"][0]["prompt_ids_sorted"]],
-                                   "command": "HF_HUB_OFFLINE=1 nice -n 5 python bench/rlhf.py --only rl --rl-configs"
-                                              f" {name} --rl-iterations {cfg['iterations']} --reps {args.reps}",
+                                   "command": "HF_HUB_OFFLINE=1 python bench/rlhf.py --only rl --rl-configs"
+                                              f" {name} --rl-iterations {cfg['iterations']} --reps {args.reps}"
+                                              f" --nice {args.nice}",
                                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
         for side, rs in runs.items():
             summary[side] = {k: statistics.median(r[k] for r in rs) for k in RL_METRICS}
