@@ -90,16 +90,11 @@ def response_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 def _prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-    """(distinct, source) for (B, P) prompt columns in which some rows repeat: ``distinct`` the first row of each
-    distinct prompt, ``source[i]`` row i's index in ``distinct``; None when every row's prompt is distinct."""
-    seen: dict[tuple, int] = {}
+    """``engine.repeated_rows`` of (B, P) prompt columns: a row's prompt is its ids and its mask."""
+    from instructkit.generation.engine import repeated_rows
+
     keys = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1).tolist()
-    source = [seen.setdefault(tuple(k), len(seen)) for k in keys]
-    if len(seen) == len(keys):
-        return None
-    distinct = [source.index(j) for j in range(len(seen))]
-    dev = prompt_ids.device
-    return torch.tensor(distinct, device=dev), torch.tensor(source, device=dev)
+    return repeated_rows([tuple(k) for k in keys], prompt_ids.device)
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
