@@ -95,7 +95,10 @@ def bench_model(name: str, batch_sizes: list[int], max_new_tokens: int, reps: in
             "prompt_tokens": sum(len(p) for p in prompts), "padded_prompt_tokens": bs * max(len(p) for p in prompts),
             "generated_tokens": tokens, "identical_rows": identical, "rows": bs,
             "fast_decode": fast_reason or "on",
-            "mkl_packed_weights": sorted({n for n, _ in dec._pack}) if dec is not None and bs > 1 else [],
+            "mkl_packed_weights": sorted({n for (n, _), (kind, _) in dec._pack.items() if kind == "packed"})
+            if dec is not None and bs > 1 else [],
+            "transposed_weights": sorted({n for (n, _), (kind, _) in dec._pack.items() if kind == "transposed"})
+            if dec is not None and bs > 1 else [],
             "instructkit_tok_s": tokens / statistics.median(t_ours),
             "hf_generate_tok_s": tokens / statistics.median(t_hf),
             "instructkit_s": t_ours, "hf_generate_s": t_hf,

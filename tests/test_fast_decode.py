@@ -348,12 +348,14 @@ def test_packed_weights_only_where_bit_identical_and_step_stays_identical(llama)
     for ours, ref in _compare_steps(model, prompts, tok.pad_token_id, steps=9):
         assert torch.equal(ours, ref)
     dec = FastDecoder.build(model)
-    if dec.use_packed:
-        verdicts = {k: v for k, v in fast_decode._EXACT.items() if k[1] == 16}
-        assert verdicts  # the probe ran for the 16-row batch
-        packed_shapes = {tuple(dec._matrices()[n].shape) for n in dec._pack}
-        assert packed_shapes == {k[0] for k, ok in verdicts.items()
-                                 if ok and k[2] == torch.get_num_threads() and k[3]}
+    threads = torch.get_num_threads()
+    verdicts = {k: v for k, v in fast_decode._EXACT.items() if k[1] == 16 and k[2] == threads}
+    assert verdicts  # the probes ran for the 16-row batch
+    shapes = {kind: {tuple(dec._matrices()[n].shape) for n, (k, _) in dec._pack.items() if k == kind}
+              for kind in ("packed", "transposed")}
+    packed_ok = {k[0] for k, ok in verdicts.items() if ok and k[3] is True} if dec.use_packed else set()
+    assert shapes["packed"] == packed_ok
+    assert shapes["transposed"] == {k[0] for k, ok in verdicts.items() if ok and k[3] == "transposed"} - packed_ok
     eng = Engine(model, tok)
     counts: dict[int, int] = {}
     free = eng.generate(prompts, SamplingParams(max_new_tokens=12))
@@ -405,6 +407,19 @@ def test_sampling_without_logprobs_packs_every_weight_within_rounding(llama, mon
     real = torch.ops.mkl._mkl_linear
     monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", lambda *a: real(*a) * (1 + 1e-3))
     assert fast_decode._packed_probe((96, 1000), 8, exact=False) is False
+
+
+def test_transposed_probe_accepts_only_bit_identical_products():
+    """A weight kept transposed is used only where ``x @ W^T`` (contiguous) equals ``F.linear`` bit for bit at that
+    row count; a shape the probe accepts must be bit-identical on fresh data too, and at one row (a gemv, summed in
+    another order) the probe says no for Gemma's down projection shape."""
+    from instructkit.generation import fast_decode
+
+    assert fast_decode._transposed_probe((640, 2048), 1) is False
+    for rows in (4, 16):
+        if fast_decode._transposed_probe((640, 2048), rows):
+            w, x = torch.randn(640, 2048), torch.randn(rows, 2048)
+            assert torch.equal(x @ w.t().contiguous(), torch.nn.functional.linear(x, w))
 
 
 @pytest.mark.slow
