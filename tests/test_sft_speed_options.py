@@ -203,3 +203,8 @@ def test_streaming_pass_over_blocks_and_row_groups(monkeypatch):
     assert abs(loss.item() - ref.item()) < 1e-11
     assert torch.allclose(g, ref_g, atol=1e-11, rtol=0)
     assert {int(t) // 4 for t in labels[labels != IGNORE]} == {0, 1, 2}
+    # the logits of a block computed in slices of 3 vocabulary rows (4 = 3 + 1): the same dot products
+    monkeypatch.setattr(losses, "STREAM_SUB", 3)
+    loss_sub, _ = sft_loss_fused(hidden, labels, head, None)
+    g_sub = torch.autograd.grad(loss_sub * 0.5, hidden)[0]
+    assert abs(loss_sub.item() - loss.item()) < 1e-12 and torch.allclose(g_sub, g, atol=1e-12, rtol=0)
