@@ -81,6 +81,16 @@ def test_rows_longer_than_a_sliding_window_take_the_plain_forward():
     assert calls == [(5, P + R)]
 
 
+def test_gradient_checkpointing_takes_the_plain_forward():
+    """transformers turns the key/value cache off under gradient checkpointing in training: the shared path would lose
+    the prompt, so it is not taken."""
+    model = _llama()
+    model.gradient_checkpointing_enable()
+    model.train()
+    _, _, calls, _ = _run(model)
+    assert calls == [(5, P + R)]
+
+
 def test_prompt_groups():
     ids, attn = _batch()
     distinct, source = _prompt_groups(ids[:, :P], attn[:, :P])

@@ -65,12 +65,13 @@ def response_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: to
     columns go through the body. With 2 prompts of ~100 tokens and 4 responses of 32 tokens each, the body computes 456
     instead of 1,080 positions. The same function scores the rollout and computes the update, so old and new log-probs
     of one batch are the same computation (the first PPO ratio is exactly 1); against the plain forward the hidden
-    states differ by float rounding only (tested). A sliding-window model whose rows are longer than its window takes
-    the plain forward."""
+    states differ by float rounding only (tested). A sliding-window model whose rows are longer than its window, and a
+    body training with gradient checkpointing (transformers turns its cache off), take the plain forward."""
     P, R = prompt_width, response_width
     groups = _prompt_groups(input_ids[:, :P], attention_mask[:, :P])
     window = getattr(body.config, "sliding_window", None)
-    if groups is None or R < 1 or (window and P + R > window):
+    checkpointing = body.training and getattr(body, "gradient_checkpointing", False)  # transformers drops the cache
+    if groups is None or R < 1 or (window and P + R > window) or checkpointing:
         return body_hidden(body, input_ids, attention_mask)[:, P - 1:P - 1 + R]
     from transformers import DynamicCache
 
