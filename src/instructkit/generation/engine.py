@@ -23,8 +23,9 @@ kept lean:
   output layer, and keeps the model's own final-logit soft-capping;
 - rows that finish are dropped from the batch (``DynamicCache.batch_select_indices``) once enough of them have finished
   to pay for the copy, so the batch never computes for sequences that are done;
-- each row samples from its own ``torch.Generator`` seeded ``seed + row``, so a seeded prompt gives the same tokens
-  whatever else is in the batch and whether or not other rows were dropped.
+- each row samples from its own ``torch.Generator`` seeded ``seed + row``, so a seeded row gets the same random draws
+  whatever else is in the batch and whether or not other rows were dropped (the logits they are applied to can
+  differ in the last bits between batch compositions, as batched matmuls do).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class SamplingParams:
     logprobs: bool = True
     """Record each generated token's log-probability (a log-softmax over the whole vocabulary per step). Off, greedy
     decoding on the lean decode step finds each argmax without computing every logit (fast_decode.GreedyHead), with
-    the same tokens."""
+    the same tokens; sampling may then use weight copies whose products are within fp32 rounding of the model's
+    (``FastDecoder.prepare``): the same distribution, draws that can differ where a logit's last bit decides."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:

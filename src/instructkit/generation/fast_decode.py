@@ -194,7 +194,7 @@ class FastDecoder:
             self.final_softcap = None
         self._versions: list[tuple[int, int]] | None = None
         self.use_packed = _mkl_packed_available()
-        self._pack_key: tuple[int, int] | None = None
+        self._pack_key: tuple[int, int, bool] | None = None  # (rows, threads, exact) the copies in _pack are for
         self._pack: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}  # name -> ("packed" | "transposed", copy)
         self._greedy: tuple | None = None  # (weight key, GreedyHead or None)
         self.refresh()
