@@ -597,31 +597,40 @@ class GreedyHead:
     Why (this project's own): greedy decoding needs only the argmax, and the output layer is the largest matmul of a
     decode step (Gemma-3-270m: 262,144 x 640, 671 MB of fp32 read per step, half of it). So:
 
-    1. approximate logits from a low-precision copy of W: int8 with one scale per row (``_weight_int8pack_mm``, a
-       quarter of the bytes) for a single input row, bf16 (``F.linear`` in bf16, fp32 accumulation) for several;
-    2. a bound E on |approximate - exact| that holds for every vocabulary entry of an input row x (u = 2^-8 is bf16's
-       unit roundoff, g = K 2^-24 / (1 - K 2^-24) the fp32 summation bound, R the largest row norm of W and R^ of its
-       low-precision copy, x^ = bf16(x), Cauchy-Schwarz for every sum of |w_ij x_j|):
+    1. approximate logits a_i from a low-precision copy W^ of W: int8 with one scale per row
+       (``_weight_int8pack_mm``, a quarter of the bytes) for a single input row, bf16 (``F.linear`` in bf16, fp32
+       accumulation, bf16 output) for several;
+    2. a bound E_i on |a_i - z_i|, z_i the exact fp32 logit ``F.linear(x, W)_i``, for every vocabulary entry i of an
+       input row x. With x^ = bf16(x), dx = x - x^ and dw_i = w_i - w^_i (both exact in fp32), the triangle inequality
+       over z_i -> x.w_i -> x^.w^_i -> the kernel's fp32 sum s_i -> a_i = bf16(s_i) gives
 
-           E_i = 1.25 * ( e_i ||x||_1  +  (2u + u^2 + g) R ||x||  +  (g + u (1 + g)) R^ ||x^|| )
+           E_i = 1.25 * ( ||x|| (||dw_i|| + g ||w_i||)  +  (||dx|| + g' ||x^||) ||w^_i||  +  u / (1 - u) |a_i| )
 
-       e_i is the largest |w_ij - s_i q_ij| of row i of the int8 copy, measured when it is built (0 for bf16, where
-       E is the same for every entry); the second term is rounding W and x to bf16 (the int8 kernel may dequantise to
-       bf16), the third is the kernel's fp32 sum and its bf16 output, and the factor 1.25 is a margin;
-    3. entry i is a candidate when approx_i + E_i >= max_k (approx_k - E_k); every other entry is provably below the
-       true maximum (ties with it included, so argmax's first-index rule is kept);
+       - ||x|| g ||w_i||: the fp32 dot product's own rounding, |z_i - x.w_i| <= g sum_j |x_j w_ij| (any summation
+         order, FMA or not; g = K 2^-24 / (1 - K 2^-24)), then Cauchy-Schwarz;
+       - ||x|| ||dw_i|| + ||dx|| ||w^_i||: x.w_i - x^.w^_i = x.dw_i + dx.w^_i, Cauchy-Schwarz on each;
+       - g' ||x^|| ||w^_i||: the kernel sums exact products (bf16 x bf16, or bf16 x int8) in fp32; for int8 the row
+         scale multiplies once more, so g' = (K + 1) 2^-24 / (1 - (K + 1) 2^-24);
+       - u / (1 - u) |a_i|: rounding the sum to bf16 (u = 2^-8) moves it by at most u |s_i| <= u |a_i| / (1 - u);
+       - 1.25: a margin that also covers the fp32 rounding of computing E and a_i +- E_i.
+
+       The row norms ||dw_i||, ||w_i||, ||w^_i|| are measured once when the copy is built. Per entry and per row
+       this is tight where a worst case over the whole layer is not: on SmolLM2's 49,152 x 576 layer at 16 rows the
+       candidates of step 3 went from 5,000-17,000 (a single bound from the largest row norm and the largest int8
+       error, the first version) to 20-55, and at one row from 130-6,600 to 1-13; the measured error stays below a
+       quarter of E.
+    3. entry i is a candidate when a_i + E_i >= max_k (a_k - E_k); every other entry is provably below the true
+       maximum (ties with it included, so argmax's first-index rule is kept);
     4. the candidates' exact logits: ``F.linear(x, W[candidates])`` over the sorted candidate rows, padded to a
        multiple of 64. Each column is then the same dot product as in the full matmul (at other row counts MKL splits
        some of them differently: measured), and :meth:`_exact_for` probes that on this weight, this input row count
        and this thread count, together with the bound, before the head is used.
 
     The argmax of the candidates' exact logits is the full argmax. When the approximation is not finite, or more than
-    an eighth of the vocabulary are candidates (a flat distribution, or a bound too loose for this model: SmolLM2's
-    49,152 x 576 layer has few dominant logits for its row norms), :meth:`argmax` returns None and the caller computes
-    every logit. The head times itself: after 16 calls at one input row count, if its calls (plus the full matmul
-    after each None) took longer on average than the full matmul took in the probe, it stops trying at that row count
-    (SmolLM2 at one row: 45% None, 2.3 ms of int8 matmul against 3 ms for the full layer; Gemma at 1 and 16 rows:
-    never None, 1.3-1.5x faster). Timing decides only which path runs, never the result.
+    an eighth of the vocabulary are candidates (a flat distribution), :meth:`argmax` returns None and the caller
+    computes every logit. The head times itself: after 16 calls at one input row count, if its calls (plus the full
+    matmul after each None) took longer on average than the full matmul took in the probe, it stops trying at that row
+    count. Timing decides only which path runs, never the result.
     """
 
     PAD = 64
@@ -631,10 +640,11 @@ class GreedyHead:
         self.w = weight  # (V, K) fp32, the model's tensor (not copied)
         V, K = weight.shape
         self.g = K * 2.0 ** -24 / (1 - K * 2.0 ** -24)
-        self.r = float(weight.norm(dim=1).max())
+        self.g1 = (K + 1) * 2.0 ** -24 / (1 - (K + 1) * 2.0 ** -24)
         self.max_candidates = max(4 * self.PAD, V // 8)
-        self._bf16: tuple[torch.Tensor, float] | None = None  # (bf16 copy, its largest row norm)
-        self._int8: tuple | None = None  # (q, bf16 scales, R^, (V,) per-row e_i)
+        # rows -> (fn x -> approximate logits, (V,) ||dw_i|| + g ||w_i||, (V,) ||w^_i||), built on first use
+        self._bf16: tuple | None = None
+        self._int8: tuple | None = None
         self._exact: dict[tuple[int, int], bool] = {}
         self._tries: dict[int, list] = {}  # rows -> [calls, calls that returned None, seconds spent]
         self._full_s: dict[tuple[int, int], float] = {}  # (rows, threads) -> seconds of the full matmul (probe)
@@ -646,34 +656,46 @@ class GreedyHead:
             return None
         return cls(weight)
 
-    def _low(self, rows: int):
-        """The low-precision copy used for ``rows`` input rows, built on first use: (fn x -> approx logits, R^, e_i
-        per vocabulary row for int8 or None for bf16)."""
+    def _row_norms(self, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||w_i - w^_i|| + g ||w_i||, ||w^_i||) for a low-precision copy dequantised to fp32 (``low``, exact)."""
+        return (self.w - low).norm(dim=1) + self.g * self.w.norm(dim=1), low.norm(dim=1)
+
+    def _low(self, rows: int) -> tuple:
+        """The low-precision copy used for ``rows`` input rows, built on first use: (fn x -> approximate logits,
+        (V,) ||dw_i|| + g ||w_i||, (V,) ||w^_i||), the per-row terms of the bound."""
         if rows == 1 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             if self._int8 is None:
                 s = self.w.abs().amax(dim=1) / 127
                 s = (s * (1 + 2.0 ** -7)).clamp_min(1e-30).to(torch.bfloat16)  # rounded up: no |w / s| above 127
                 q = torch.round(self.w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
                 deq = q.float() * s.float()[:, None]  # exact in fp32 (7-bit times 8-bit significands)
-                self._int8 = (q, s, float(deq.norm(dim=1).max()), (self.w - deq).abs().amax(dim=1))
+                self._int8 = ((lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, s)),
+                              *self._row_norms(deq))
                 del deq
-            q, s, r_low, e_rows = self._int8
-            return (lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, s)), r_low, e_rows
+            return self._int8
         if self._bf16 is None:
             wb = self.w.to(torch.bfloat16)
-            self._bf16 = (wb, float(wb.float().norm(dim=1).max()))
-        wb, r_low = self._bf16
-        return (lambda x: F.linear(x.to(torch.bfloat16), wb)), r_low, None
+            norms = self._row_norms(wb.float())
+            fn = lambda x: F.linear(x.to(torch.bfloat16), wb)  # noqa: E731
+            try:  # oneDNN's blocked layout, reordered once rather than on every call: SmolLM2's head at 16 rows,
+                # weights out of cache, 4.2 -> 3.2 ms (fp32: 9.1). Any fp32 summation order satisfies the bound.
+                wp = torch.ops.mkldnn._reorder_linear_weight(wb, rows)
+                fn = lambda x: torch.ops.mkldnn._linear_pointwise(  # noqa: E731
+                    x.to(torch.bfloat16), wp, None, "none", [None], "")
+            except (AttributeError, RuntimeError):  # a torch build without oneDNN: the plain bf16 matmul
+                pass
+            self._bf16 = (fn, *norms)
+        return self._bf16
 
-    def _bound(self, x: torch.Tensor, r_low: float, e_rows: torch.Tensor | None) -> torch.Tensor:
-        """E of the docstring: (b, 1) for every entry alike (bf16), or (b, V) per entry (int8)."""
-        u, g = self.U, self.g
-        xn = x.norm(dim=1, keepdim=True)
-        xbn = x.to(torch.bfloat16).float().norm(dim=1, keepdim=True)
-        e = (2 * u + u * u + g) * self.r * xn + (g + u * (1 + g)) * r_low * xbn
-        if e_rows is not None:
-            e = e + e_rows[None, :] * x.abs().sum(dim=1, keepdim=True)
-        return 1.25 * e
+    def _bound(self, x: torch.Tensor, approx: torch.Tensor, low: tuple) -> torch.Tensor:
+        """E of the docstring, (b, V): x (b, K) fp32 inputs, approx (b, V) their approximate logits in fp32, ``low``
+        what :meth:`_low` returned for them."""
+        _, dw, wn = low
+        xb = x.to(torch.bfloat16).float()
+        e = approx.abs().mul_(self.U / (1 - self.U))
+        e.addcmul_(x.norm(dim=1, keepdim=True), dw)
+        e.addcmul_((x - xb).norm(dim=1, keepdim=True) + self.g1 * xb.norm(dim=1, keepdim=True), wn)
+        return e.mul_(1.25)
 
     def _exact_for(self, rows: int) -> bool:
         """Probe once per (rows, threads): on random inputs the bound holds for every entry, and the padded
@@ -684,14 +706,14 @@ class GreedyHead:
             ok = True
             try:
                 with torch.no_grad():
-                    approx_fn, r_low, e_rows = self._low(rows)
+                    low = self._low(rows)
                     for _ in range(2):
                         x = torch.randn((rows, self.w.shape[1]), generator=gen)
                         t0 = time.perf_counter()
                         full = F.linear(x, self.w)
                         self._full_s[key] = time.perf_counter() - t0  # the second (warm) one is kept
-                        err = (approx_fn(x).float() - full).abs()
-                        ok = ok and bool((err <= self._bound(x, r_low, e_rows)).all())
+                        approx = low[0](x).float()
+                        ok = ok and bool(((approx - full).abs() <= self._bound(x, approx, low)).all())
                         for n in (self.PAD, 3 * self.PAD, 16 * self.PAD):
                             idx = torch.randint(0, self.w.shape[0], (n,), generator=gen).sort().values
                             ok = ok and torch.equal(F.linear(x, self.w.index_select(0, idx)), full[:, idx])
@@ -718,18 +740,13 @@ class GreedyHead:
 
     def _argmax(self, x: torch.Tensor) -> torch.Tensor | None:
         b = x.shape[0]
-        approx_fn, r_low, e_rows = self._low(b)
-        approx = approx_fn(x)  # (b, V) bf16
-        e = self._bound(x, r_low, e_rows)  # (b, 1) or (b, V)
-        f = approx.float()  # exact; fp32 reductions run several times faster than bf16 ones here
-        if e_rows is None:
-            thr = f.amax(dim=1, keepdim=True) - 2 * e  # (b, 1)
-            margin = f - thr  # >= 0 exactly where f >= thr (an fp32 difference is 0 only for equal operands)
-        else:
-            thr = (f - e).amax(dim=1, keepdim=True)
-            margin = (f + e) - thr
+        low = self._low(b)
+        f = low[0](x).float()  # (b, V), exact conversion; fp32 reductions run several times faster than bf16 ones
+        e = self._bound(x, f, low)  # (b, V)
+        thr = (f - e).amax(dim=1, keepdim=True)  # (b, 1): below every row's true maximum
         if not bool(torch.isfinite(thr).all()):
             return None
+        margin = e.add_(f).sub_(thr)  # >= 0 where a_i + E_i >= thr
         # a column is a candidate when it is one for any row (amax over rows: much faster than a bool .any)
         col = margin.amax(dim=0) if b > 1 else margin[0]
         idx = (col >= 0).nonzero()[:, 0]  # sorted candidate rows of W
