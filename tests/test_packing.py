@@ -129,11 +129,12 @@ def test_packed_losses_equal_unpacked_per_sample(tiny_model_dir):
     assert abs((loss / n).item() - unpacked[2]) > 1e-3
 
 
-def _tiny_gemma3_window(window: int):
+def _tiny_gemma3_window(window: int, head_dim: int = 16):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=head_dim,
+                           query_pre_attn_scalar=head_dim,
                            sliding_window=window, layer_types=["sliding_attention", "full_attention"],
                            max_position_embeddings=256, pad_token_id=0)
     cfg._attn_implementation = "sdpa"
@@ -141,11 +142,12 @@ def _tiny_gemma3_window(window: int):
     return Gemma3ForCausalLM(cfg)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_segment_attention_equals_the_dense_block_mask(arch, tiny_model_dir):
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma3_wide_heads"])
+def test_segment_attention_equals_the_dense_block_mask(arch, tiny_model_dir, monkeypatch):
     """packed_hidden_states runs each sample's attention on its own (models/load.py); it must give the hidden states
     and gradients of the dense block-causal mask path (GQA, and a Gemma 3 sliding window of 6 shorter than a 13-token
-    sample, so the band mask is exercised), and leave the model's own attention switched back on."""
+    sample, so the band mask is exercised), and leave the model's own attention switched back on. Heads of 128 take
+    the matmul attention (short segments, wide heads), the others causal sdpa."""
     from transformers import AutoModelForCausalLM
 
     from instructkit.models import load
@@ -154,7 +156,10 @@ def test_segment_attention_equals_the_dense_block_mask(arch, tiny_model_dir):
     if arch == "llama":
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     else:
-        model = _tiny_gemma3_window(6)
+        model = _tiny_gemma3_window(6, head_dim=128 if arch == "gemma3_wide_heads" else 16)
+    calls = []
+    matmul_attention = load._matmul_attention
+    monkeypatch.setattr(load, "_matmul_attention", lambda *a: (calls.append(a[0].shape[2]), matmul_attention(*a))[1])
     model.train()  # dropout is 0 in these configs; train mode as in the recipes
     g = torch.Generator().manual_seed(1)
     samples = [Sample(torch.randint(5, 500, (n,), generator=g).tolist(), [1] * n) for n in (9, 5, 13, 4, 7)]
@@ -182,8 +187,32 @@ def test_segment_attention_equals_the_dense_block_mask(arch, tiny_model_dir):
     for a, b in zip(g_seg, g_dense):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
     assert model.config._attn_implementation == "sdpa"
+    # every segment of both rows (padding included) in both layers, forward only (the backward reuses the graph)
+    assert sorted(calls) == (sorted([9, 5, 13, 4, 7, 16] * 2) if arch == "gemma3_wide_heads" else [])
     # and the model's own forward is unaffected afterwards (no segments needed)
     model(input_ids=batch["input_ids"][:1, :9])
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_matmul_attention_equals_sdpa(window):
+    """The matmul attention against sdpa with the explicit causal (or band) mask, fp64, GQA of 3 query heads per kv
+    head: outputs and the gradients of q, k and v."""
+    from instructkit.models.load import _matmul_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+               for shape in ((1, 6, 11, 128), (1, 2, 11, 128), (1, 2, 11, 128)))
+    i = torch.arange(11)
+    allowed = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
+    out = _matmul_attention(q, k, v, 0.3, window)
+    assert torch.allclose(out, ref, atol=1e-12, rtol=1e-12)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)
+    # the mask really masks: without it the output differs
+    free = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True)
+    assert not torch.allclose(out, free, atol=1e-3)
 
 
 def test_segments_of_a_packed_row():

@@ -237,6 +237,9 @@ def _segment_attention_forward(module, query, key, value, attention_mask, dropou
         for s, e in bounds:
             q, k, v = query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e]
             n = e - s
+            if dropout == 0.0 and q.shape[-1] >= 128 and n <= 512:
+                parts.append(_matmul_attention(q, k, v, scaling, sliding_window))
+                continue
             if sliding_window is not None and n > sliding_window:
                 i = torch.arange(n, device=query.device)
                 band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
@@ -248,6 +251,35 @@ def _segment_attention_forward(module, query, key, value, attention_mask, dropou
             parts.append(o)
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+# Short segments with wide heads: attention as two batched matmuls beats the flash kernel. Measured forward + backward
+# for one gemma-3-270m layer (4 query heads, 1 kv head, head_dim 256, 2 threads): 64 tokens 0.59 -> 0.51 ms, 128
+# 1.7 -> 1.1, 256 3.7 -> 3.0, 512 13.2 -> 10.7, but 1,024 34 -> 42 (and the scores it keeps for the backward grow with
+# the square); with head_dim 64 (SmolLM2, Llama) the two are level up to 512 tokens. Same function, within rounding.
+_CAUSAL_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _matmul_attention(q, k, v, scaling, window):
+    """softmax(q k^T * scaling + mask) v for one segment, causal (and at most ``window`` - 1 keys back): q (1, heads,
+    n, d), k/v (1, kv_heads, n, d) -> (1, heads, n, d). The query heads that share a kv head are stacked into one
+    (heads / kv_heads * n, d) matrix, so GQA needs no repeated keys; the scale and the additive mask go into one
+    baddbmm."""
+    _, heads, n, d = q.shape
+    kv = k.shape[1]
+    rep = heads // kv
+    key = (n, rep, window, q.dtype, q.device)
+    mask = _CAUSAL_MASKS.get(key)
+    if mask is None:
+        i = torch.arange(n, device=q.device)
+        far = (i[None, :] > i[:, None]) | ((i[:, None] - i[None, :] >= window) if window else False)
+        mask = torch.zeros((n, n), dtype=q.dtype, device=q.device).masked_fill_(far, float("-inf")).repeat(rep, 1)
+        if len(_CAUSAL_MASKS) > 64:
+            _CAUSAL_MASKS.clear()
+        _CAUSAL_MASKS[key] = mask  # (rep * n, n)
+    scale = scaling if scaling is not None else d ** -0.5
+    scores = torch.baddbmm(mask, q[0].reshape(kv, rep * n, d), k[0].transpose(1, 2), alpha=scale)
+    return torch.bmm(torch.softmax(scores, dim=-1), v[0]).view(1, heads, n, d)
 
 
 _REGISTERED: list[bool] = []
