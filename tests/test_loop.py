@@ -203,3 +203,38 @@ def test_metrics_logger_truncates_after_resume_step(tmp_path):
         m.log({"step": s, "loss": 1.0 / s})
     m.truncate_after(3)
     assert [r["step"] for r in loop.read_metrics(tmp_path)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_optimizer_is_fused_grouping_independent_and_matches_the_loop(dtype):
+    """build_optimizer uses torch's fused AdamW. Its arithmetic must not depend on how the tensors are grouped (resume
+    and DDP compare bit for bit), and it must agree with the per-tensor loop (foreach=False) to rounding over several
+    steps, weight decay on matrices and none on vectors."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 16), (16, 48), (48,)]
+    init = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(4)]
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+
+    def run(make):
+        model = torch.nn.ParameterList([torch.nn.Parameter(t.clone()) for t in init])
+        opt = make(model)
+        for step_grads in grads:
+            for p, gr in zip(model, step_grads):
+                p.grad = gr.clone()
+            opt.step()
+        return opt, [p.detach().clone() for p in model]
+
+    fused, got = run(lambda m: loop.build_optimizer(m, cfg))
+    assert fused.defaults["fused"] is True
+    assert [grp["weight_decay"] for grp in fused.param_groups] == [0.1, 0.0]
+    # the same tensors one group per tensor: the same bits
+    _, split = run(lambda m: torch.optim.AdamW([{"params": [m[0]], "weight_decay": 0.1},
+                                                {"params": [m[1]], "weight_decay": 0.1},
+                                                {"params": [m[2]], "weight_decay": 0.0}], lr=1e-2, fused=True))
+    assert all(torch.equal(a, b) for a, b in zip(got, split))
+    _, ref = run(lambda m: torch.optim.AdamW([{"params": [m[0], m[1]], "weight_decay": 0.1},
+                                              {"params": [m[2]], "weight_decay": 0.0}], lr=1e-2, foreach=False))
+    eps = torch.finfo(dtype).eps
+    assert all(torch.allclose(a, b, rtol=4 * eps, atol=4 * eps) for a, b in zip(got, ref))
+    assert not torch.equal(got[0], init[0])  # the parameters moved

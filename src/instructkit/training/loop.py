@@ -131,8 +131,13 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    # foreach=False: identical arithmetic whatever the parameter grouping (resume and DDP compare bit for bit)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
+    # fused: one kernel per tensor, the same per-element arithmetic whatever the grouping (resume and DDP compare bit
+    # for bit), within an ulp of the single-tensor loop (tests/test_loop.py); gemma-3-270m's 252 LoRA tensors: 10.6 ->
+    # 2.3 ms per step. The loop where a build or device has no fused kernel.
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
