@@ -260,6 +260,37 @@ def test_weight_updates_between_calls_are_used(llama):
     assert after != before  # the change mattered on this prompt
 
 
+def test_updates_by_the_projects_optimizer_step_are_used(llama):
+    """The same through training/loop.optimizer_step: torch's fused AdamW writes parameters without bumping their
+    version counters, so the step bumps them; without that the decode step would keep using the old fused weights."""
+    import copy
+
+    from instructkit.config import TrainConfig
+    from instructkit.training import loop
+
+    model, tok = llama
+    model = copy.deepcopy(model)
+    ids = tok(TEXTS[0])["input_ids"]
+    eng = Engine(model, tok)
+    before = eng.generate([ids], SamplingParams(max_new_tokens=20))[0].token_ids
+    fused_before = FastDecoder.build(model).qkv[0].clone()
+    cfg = TrainConfig(lr=0.05, schedule="constant", warmup_steps=0)
+    opt = loop.build_optimizer(model, cfg)
+    batch = {"ids": torch.tensor([ids])}
+
+    def loss_fn(m, b):
+        return -m(input_ids=b["ids"]).logits[0, :, 7].sum(), torch.tensor(len(ids))
+
+    loop.optimizer_step(model, opt, loop.build_scheduler(opt, cfg, 1), [batch], loss_fn, lambda b: len(ids))
+    model.eval()
+    after = eng.generate([ids], SamplingParams(max_new_tokens=20))[0].token_ids
+    assert not torch.equal(FastDecoder.build(model).qkv[0], fused_before)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
+                         eos_token_id=[tok.eos_token_id])[0, len(ids):].tolist()
+    assert after == ref
+    assert after != before
+
+
 def test_unsupported_models_fall_back(llama):
     model, tok = llama
     import copy
