@@ -237,7 +237,7 @@ def _segment_attention_forward(module, query, key, value, attention_mask, dropou
         for s, e in bounds:
             q, k, v = query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e]
             n = e - s
-            if dropout == 0.0 and q.shape[-1] >= 128 and n <= 512:
+            if dropout == 0.0 and q.shape[-1] >= 128 and n <= 512 and q.device.type == "cpu":
                 parts.append(_matmul_attention(q, k, v, scaling, sliding_window))
                 continue
             if sliding_window is not None and n > sliding_window:
@@ -257,6 +257,7 @@ def _segment_attention_forward(module, query, key, value, attention_mask, dropou
 # for one gemma-3-270m layer (4 query heads, 1 kv head, head_dim 256, 2 threads): 64 tokens 0.59 -> 0.51 ms, 128
 # 1.7 -> 1.1, 256 3.7 -> 3.0, 512 13.2 -> 10.7, but 1,024 34 -> 42 (and the scores it keeps for the backward grow with
 # the square); with head_dim 64 (SmolLM2, Llama) the two are level up to 512 tokens. Same function, within rounding.
+# Measured on CPU only, so GPUs keep their fused kernels.
 _CAUSAL_MASKS: dict[tuple, torch.Tensor] = {}
 
 
