@@ -12,7 +12,9 @@ This module runs the same arithmetic with the model's own weight tensors:
 - q/k/v are one matmul and gate/up one matmul, against fused weights built once from the model's tensors (bit-identical
   to the separate matmuls: each output element is the same dot product; checked by the tests). The fused copies cost
   memory (~2/3 of the transformer body) and are rebuilt when any source weight changes (tensor version counters), so an
-  optimiser step between two ``generate`` calls (PPO rollouts) is picked up;
+  optimiser step between two ``generate`` calls (PPO rollouts) is picked up. A write that bypasses those counters
+  (``p.data.copy_``, torch's fused optimizers) is not seen: ``training.loop.optimizer_step`` bumps them after its
+  fused AdamW step;
 - the attention call is the one transformers' sdpa integration makes, with the same arguments (GQA via
   ``enable_gqa`` without a mask, the packed single-query layout with a boolean padding mask, the same sliding-window
   key range and the same "mask materialised from the window size on" rule for Gemma 3's local layers), so the float

@@ -221,7 +221,8 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(f"step {step}: non-finite loss")
     dist.all_reduce_grads(params)
-    grads = [p.grad for p in params if p.grad is not None]
+    updated = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in updated]
     if max_grad_norm and max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=False)
     else:
@@ -234,7 +235,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
     # torch's fused AdamW writes the parameters without bumping their version counters; the decode step's weight
     # copies and GreedyHead (generation/fast_decode.py) key on those counters to see an update between two generate
     # calls (PPO rollouts), so bump them here
-    torch.autograd.graph.increment_version([p for p in params if p.grad is not None])
+    torch.autograd.graph.increment_version(updated)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(red[0].item() / total_units, float(grad_norm), lr, total_units, total_tokens,
