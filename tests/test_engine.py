@@ -294,3 +294,42 @@ def test_sampling_refuses_non_finite_probabilities():
     logits = torch.tensor([[0.0, float("nan"), 1.0]])
     with pytest.raises(ValueError, match="nan"):
         Engine._choose(logits, SamplingParams(temperature=1.0), [torch.Generator().manual_seed(0)])
+
+
+def test_rows_with_their_own_parameters_in_one_batch_equal_each_alone(model_tok):
+    """Engine.run with per-row parameters (what the server batches): greedy, seeded sampling, different lengths, stop
+    strings and top log-probs side by side give each row what it gets alone."""
+    from instructkit.generation.engine import Row
+
+    model, tok = model_tok
+    eng = Engine(model, tok)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    free = eng.generate(prompts[3:4], SamplingParams(max_new_tokens=12))[0].text
+    params = [SamplingParams(max_new_tokens=12, top_logprobs=2),
+              SamplingParams(max_new_tokens=9, temperature=0.8, top_k=20, seed=11),
+              SamplingParams(max_new_tokens=4, logprobs=False),
+              SamplingParams(max_new_tokens=12, stop_strings=(free[4:7],))]
+    rows = [Row(index=i, prompt=p, params=q, seed=(q.seed or 0)) for i, (p, q) in enumerate(zip(prompts, params))]
+    for _ in eng.run(rows):
+        pass
+    for r, p, q in zip(rows, prompts, params):
+        alone = eng.generate([p], q)[0]
+        got = eng.output(r)
+        assert (got.token_ids, got.text, got.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
+        assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+        assert [[t for t, _ in top] for top in got.top_logprobs] == [[t for t, _ in top] for top in alone.top_logprobs]
+    assert rows[3].finish_reason == "stop" and len(rows[0].top_logprobs[0]) == 2
+
+
+def test_prompt_logprobs_equal_teacher_forced(model_tok):
+    model, tok = model_tok
+    eng = Engine(model, tok)
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:3]]
+    scored = eng.prompt_logprobs(prompts, top_k=3)
+    for p, (lps, tops) in zip(prompts, scored):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1)
+        ref = logp[:-1].gather(1, torch.tensor(p[1:])[:, None])[:, 0]
+        assert lps[0] is None and tops[0] is None and len(lps) == len(p)
+        assert torch.allclose(torch.tensor(lps[1:]), ref, atol=1e-5)
+        assert [t for t, _ in tops[1]] == logp[0].topk(3).indices.tolist()

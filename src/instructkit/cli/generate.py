@@ -11,10 +11,12 @@ import sys
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
-        description="OpenAI-compatible server: /v1/chat/completions (SSE streaming), /v1/completions, /v1/models. "
-                    "Binds 127.0.0.1 unless --host says otherwise; the model's own chat template is applied.",
+        description="OpenAI-compatible server (Starlette on uvicorn): /v1/chat/completions and /v1/completions "
+                    "(streaming, n, logprobs, echo), /v1/models, /health, /tokenize, /detokenize. Concurrent "
+                    "requests are batched into the engine. Binds 127.0.0.1 unless --host says otherwise; the model's "
+                    "own chat template is applied.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder or zoo name")
+    p.add_argument("--model", required=True, help="model folder, run folder, zoo name or Hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     p.add_argument("--api-key-env", default=None, metavar="VAR",
@@ -24,6 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
     p.add_argument("--max-request-bytes", type=int, default=1_000_000, help="largest request body accepted")
     p.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt accepted")
+    p.add_argument("--max-batch-rows", type=int, default=64,
+                   help="rows (prompts x choices) of concurrent requests decoded together")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all")
+    p.add_argument("--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(func=run_serve)
 
@@ -77,7 +83,8 @@ def run_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
                           max_prompt_tokens=args.max_prompt_tokens,
-                          default_max_tokens=min(256, args.max_tokens_limit))
+                          default_max_tokens=min(256, args.max_tokens_limit), max_batch_rows=args.max_batch_rows,
+                          request_timeout_s=args.request_timeout, idle_timeout_s=args.idle_timeout)
     server = load_server(args.model, host=args.host, port=args.port, api_key=key, template=args.template,
                          name=args.name, limits=limits)
     host, port = server.address
@@ -91,7 +98,7 @@ def run_serve(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.httpd.server_close()
+        server.close()
     return 0
 
 

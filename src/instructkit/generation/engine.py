@@ -63,6 +63,9 @@ class SamplingParams:
     decoding on the lean decode step finds each argmax without computing every logit (fast_decode.GreedyHead), with
     the same tokens; sampling may then use weight copies whose products are within fp32 rounding of the model's
     (``FastDecoder.prepare``): the same distribution, draws that can differ where a logit's last bit decides."""
+    top_logprobs: int = 0
+    """Also record the ``top_logprobs`` most likely tokens of each step with their log-probabilities (same raw
+    distribution as ``logprobs``; needs ``logprobs``)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -75,6 +78,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(s for s in self.stop_strings if s)
@@ -92,16 +99,29 @@ class GenerationOutput:
     logprobs: list[float] = field(default_factory=list)
     """log p(token) of each generated token under the model's raw distribution (temperature 1, before top-k/top-p and
     repetition penalty), one per entry of token_ids; empty when SamplingParams.logprobs is False."""
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per generated token, the SamplingParams.top_logprobs most likely (token id, log-probability) pairs of that step,
+    most likely first; empty when not asked for."""
 
 
 @dataclass
-class _Row:
+class Row:
+    """One sequence being generated: its prompt, its own sampling parameters and seed, and what it produced so far.
+
+    ``Engine.run(rows)`` fills rows in place; rows in one batch may have different parameters (the server batches
+    concurrent requests this way). Set ``cancelled`` from another thread to end a row at the next step."""
     index: int  # position in the caller's prompt list
     prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0  # the row's own sampling generator is seeded with this
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_cut: int | None = None  # char offset of a matched stop string in the decoded text
+    cancelled: bool = False
+    stop_ids: frozenset = frozenset()  # resolved by Engine.run
+
 
 
 def _as_int_list(x: Any) -> list[int]:
@@ -195,11 +215,11 @@ class Engine:
             order.sort(key=lambda i: len(prompts[i]))
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start:start + self.max_batch_size]
-            rows = [_Row(index=i, prompt=prompts[i]) for i in chunk]
-            for _ in self._run(rows, params, base_seed):
+            rows = [Row(index=i, prompt=prompts[i], params=params, seed=base_seed + i) for i in chunk]
+            for _ in self.run(rows):
                 pass
             for row in rows:
-                results[row.index] = self._output(row, params)
+                results[row.index] = self.output(row)
         return results  # type: ignore[return-value]
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
@@ -209,23 +229,70 @@ class Engine:
         settled.
         """
         params = params or SamplingParams()
-        row = _Row(index=0, prompt=list(map(int, prompt_ids)))
+        row = Row(index=0, prompt=list(map(int, prompt_ids)), params=params, seed=self._base_seed(params))
         if not row.prompt:
             raise ValueError("prompt is empty")
         emitted = 0
-        for _ in self._run([row], params, self._base_seed(params)):
-            text = self._text(row, params)
-            if row.finish_reason is None:
-                safe = _settled_length(text, params.stop_strings)
-            else:
-                safe = len(text)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        text = self._text(row, params)
+        for _ in self.run([row]):
+            text = self.settled_text(row)
+            if len(text) > emitted:
+                yield text[emitted:]
+                emitted = len(text)
+        text = self.text(row)
         if len(text) > emitted:
             yield text[emitted:]
-        self.last_stream_output = self._output(row, params)
+        self.last_stream_output = self.output(row)
+
+    def settled_text(self, row: Row) -> str:
+        """The part of ``row``'s text that can no longer change (all of it once the row is finished)."""
+        text = self.text(row)
+        if row.finish_reason is not None:
+            return text
+        return text[:_settled_length(text, row.params.stop_strings)]
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], top_k: int = 0, batch_size: int = 8
+                        ) -> list[tuple[list[float | None], list[list[tuple[int, float]] | None]]]:
+        """Per prompt, log p(token_i | tokens before it) for every token (None for the first, which has no context)
+        and, with ``top_k``, the k most likely (id, log-probability) pairs at each position (None for the first): what
+        an OpenAI completions request with ``echo`` returns, and what lm-eval's loglikelihood requests read.
+
+        One forward per batch of right-padded prompts; the output layer runs 256 positions at a time, so a long prompt
+        never holds a (T, vocabulary) matrix of Gemma's 262k columns at once."""
+        from instructkit.models.load import causal_lm_parts
+
+        body, head, softcap = causal_lm_parts(self.model)
+        device = next(self.model.parameters()).device
+        out: list = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            T = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), T), self.pad_id, dtype=torch.long)  # (B, T) right-padded
+            attn = torch.zeros((len(idx), T), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, :len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
+                attn[r, :len(prompts[i])] = 1
+            hidden = body(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).last_hidden_state
+            for r, i in enumerate(idx):
+                p = list(prompts[i])
+                lps: list[float | None] = [None]
+                tops: list = [None]
+                for c in range(0, len(p) - 1, 256):  # position t predicts token t + 1
+                    h = hidden[r, c:min(c + 256, len(p) - 1)]  # (C, H)
+                    logits = head(h).float()  # (C, V)
+                    if softcap:
+                        logits = torch.tanh(logits / softcap) * softcap
+                    logp = torch.log_softmax(logits, dim=-1)  # (C, V)
+                    target = torch.tensor(p[c + 1:c + 1 + h.shape[0]], device=logp.device)
+                    lps += logp.gather(1, target[:, None])[:, 0].tolist()
+                    if top_k:
+                        v, k = torch.topk(logp, top_k, dim=-1)
+                        tops += [list(zip(kk, vv)) for kk, vv in zip(k.tolist(), v.tolist())]
+                    else:
+                        tops += [None] * h.shape[0]
+                out[i] = (lps, tops)
+        return out
 
     # ----------------------------------------------------------------------------------------------------------------
     # internals
@@ -235,7 +302,7 @@ class Engine:
             return int(params.seed)
         return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
-    def _text(self, row: _Row, params: SamplingParams) -> str:
+    def text(self, row: Row) -> str:
         toks = row.tokens
         if row.finish_reason == "stop" and row.stop_cut is None and toks:
             toks = toks[:-1]  # the stop token itself is not text
@@ -244,16 +311,20 @@ class Engine:
             text = text[:row.stop_cut]
         return text
 
-    def _output(self, row: _Row, params: SamplingParams) -> GenerationOutput:
+    def output(self, row: Row) -> GenerationOutput:
         return GenerationOutput(
             prompt_ids=row.prompt,
             token_ids=list(row.tokens),
-            text=self._text(row, params),
+            text=self.text(row),
             finish_reason=row.finish_reason or "length",
             logprobs=list(row.logprobs),
+            top_logprobs=list(row.top_logprobs),
         )
 
-    def _check_stop_string(self, row: _Row, stops: tuple[str, ...], window: int) -> None:
+    def _check_stop_string(self, row: Row) -> None:
+        stops = row.params.stop_strings
+        # a stop string of n characters spans at most n tokens, plus a few for partial UTF-8 bytes
+        window = 4 * max(len(s) for s in stops) + 4
         tail = self.tokenizer.decode(row.tokens[-window:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if not any(s in tail for s in stops):
             return
@@ -264,18 +335,32 @@ class Engine:
             row.finish_reason = "stop"
 
     @torch.inference_mode()
-    def _run(self, rows: list[_Row], params: SamplingParams, base_seed: int) -> Iterator[None]:
-        """Generate into ``rows`` in place; yields once after every decoding step."""
+    def run(self, rows: list[Row]) -> Iterator[None]:
+        """Generate into ``rows`` in place, each with its own SamplingParams and seed; yields once after every step.
+
+        Rows may differ in every sampling parameter: the longest ``max_new_tokens`` sets the cache size, a row ends at
+        its own limit, stop tokens and stop strings; sampling groups the rows with the same temperature, top-k and
+        top-p. A row whose ``cancelled`` is set (by another thread) ends at the next step with finish_reason
+        "cancelled". With one parameter set for all rows this is exactly the loop ``generate`` runs."""
         model = self.model
         device = next(model.parameters()).device
-        stop_ids = set(self.default_stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
-        stops = tuple(params.stop_strings)
-        # a stop string of n characters spans at most n tokens, plus a few for partial UTF-8 bytes
-        window = 4 * max((len(s) for s in stops), default=0) + 4
-        if params.max_new_tokens == 0:
-            for r in rows:
+        for r in rows:
+            p = r.params
+            r.stop_ids = frozenset(self.default_stop_token_ids if p.stop_token_ids is None else p.stop_token_ids)
+            if p.max_new_tokens == 0:
                 r.finish_reason = "length"
+        live = [r for r in rows if r.finish_reason is None]
+        if not live:
             return
+        rows = live
+        params = [r.params for r in rows]
+        max_new = max(p.max_new_tokens for p in params)
+        want_logprobs = any(p.logprobs for p in params)
+        top_n = max(p.top_logprobs for p in params)
+        penalty = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)[:, None]
+        all_sample = all(p.temperature > 0 for p in params)
 
         B = len(rows)
         max_len = max(len(r.prompt) for r in rows)
@@ -288,13 +373,13 @@ class Engine:
         position_ids = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)  # as transformers' generate computes them
         padded = bool((attn == 0).any())
 
-        generators = None
-        if params.temperature > 0:
-            generators = []
-            for r in rows:
+        generators: list = []
+        for r in rows:
+            g = None
+            if r.params.temperature > 0:
                 g = torch.Generator(device=device)
-                g.manual_seed(base_seed + r.index)
-                generators.append(g)
+                g.manual_seed(r.seed)
+            generators.append(g)
         seen = None  # (B, V) bool: tokens already in prompt or output, for the repetition penalty
 
         from transformers import DynamicCache
@@ -302,8 +387,7 @@ class Engine:
         active = list(range(B))  # indices into rows of the sequences still in the batch
         # PPO and GRPO rollouts sample several responses per prompt; the prompt is the long part, so its prefill runs
         # once (SmolLM2 with a LoRA adapter, 8 rows of ~100 prompt tokens, 4 per prompt: 850 -> 230 ms)
-        share = repeated_rows([tuple(r.prompt) for r in rows], device) \
-            if params.temperature > 0 and self.share_prompts else None
+        share = repeated_rows([tuple(r.prompt) for r in rows], device) if all_sample and self.share_prompts else None
         first = slice(None) if share is None else share[0]
         cache = DynamicCache(config=model.config)
         out = model(input_ids=input_ids[first], attention_mask=attn[first] if padded else None,
@@ -313,7 +397,7 @@ class Engine:
         del out
         fast = None
         chosen = None  # the next tokens when the greedy step picked them without returning logits
-        if self.fast and params.max_new_tokens > 1:
+        if self.fast and max_new > 1:
             from instructkit.generation.fast_decode import FastDecoder
 
             fast = FastDecoder.build(model)
@@ -323,50 +407,62 @@ class Engine:
                 cache.batch_select_indices(share[1])
         if fast is not None:  # the prefill's cache moves into preallocated buffers written in place
             # bit-identical logits where they can be seen: greedy tokens, log-probs (see FastDecoder.prepare)
-            cache = fast.start(cache, B, max_len, max_len + params.max_new_tokens,
-                               exact=params.temperature == 0 or params.logprobs,
+            cache = fast.start(cache, B, max_len, max_len + max_new,
+                               exact=any(p.temperature == 0 or p.logprobs for p in params),
                                rows=None if share is None else share[1])
         # greedy without log-probs or penalty needs only each step's argmax: the lean step finds it without every logit
-        greedy_ids = (fast is not None and params.temperature == 0 and params.repetition_penalty == 1.0
-                      and not params.logprobs)
+        greedy_ids = (fast is not None and penalty is None and not want_logprobs
+                      and all(p.temperature == 0 for p in params))
         last_pos = position_ids[:, -1:]
-        for step in range(params.max_new_tokens):
+        for step in range(max_new):
             if chosen is not None:
                 next_tokens = chosen
             else:
                 logits = logits.float()  # (b, V)
                 V = logits.shape[-1]
-                if params.repetition_penalty != 1.0:
+                if penalty is not None:
                     if seen is None:
                         seen = torch.zeros((B, V), dtype=torch.bool, device=device)
                         for i, r in enumerate(rows):
                             seen[i, torch.tensor([t for t in r.prompt if t < V], dtype=torch.long)] = True
-                    scores = _apply_repetition_penalty(logits, seen[active], params.repetition_penalty)
+                    scores = _apply_repetition_penalty(logits, seen[active], penalty[active])
                 else:
                     scores = logits
-                next_tokens = self._choose(scores, params, [generators[i] for i in active] if generators else None)
+                next_tokens = self._choose_rows(scores, [params[i] for i in active], [generators[i] for i in active])
             next_list = next_tokens.tolist()
-            logp_list = None
-            if params.logprobs:
-                logp_list = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None])[:, 0].tolist()
+            logp_list = top_list = None
+            if want_logprobs:
+                lsm = torch.log_softmax(logits, dim=-1)  # (b, V)
+                logp_list = lsm.gather(1, next_tokens[:, None])[:, 0].tolist()
+                if top_n:
+                    v, k = torch.topk(lsm, top_n, dim=-1)
+                    top_list = [list(zip(kk, vv)) for kk, vv in zip(k.tolist(), v.tolist())]
             for j, i in enumerate(active):
                 r = rows[i]
                 if r.finish_reason is not None:  # finished, still in the batch until enough rows are done to prune
                     continue
+                if r.cancelled:
+                    r.finish_reason = "cancelled"
+                    continue
                 t = next_list[j]
                 r.tokens.append(t)
-                if logp_list is not None:
+                if logp_list is not None and r.params.logprobs:
                     r.logprobs.append(logp_list[j])
+                    if r.params.top_logprobs:
+                        r.top_logprobs.append(top_list[j][:r.params.top_logprobs])
                 if seen is not None:
                     seen[i, t] = True
-                if t in stop_ids:
+                if t in r.stop_ids:
                     r.finish_reason = "stop"
-                elif stops:
-                    self._check_stop_string(r, stops, window)
-                if r.finish_reason is None and len(r.tokens) >= params.max_new_tokens:
+                elif r.params.stop_strings:
+                    self._check_stop_string(r)
+                if r.finish_reason is None and len(r.tokens) >= r.params.max_new_tokens:
                     r.finish_reason = "length"
             yield
-            keep = [j for j, i in enumerate(active) if rows[i].finish_reason is None]
+            keep = [j for j, i in enumerate(active) if rows[i].finish_reason is None and not rows[i].cancelled]
+            for j, i in enumerate(active):
+                if rows[i].finish_reason is None and rows[i].cancelled:
+                    rows[i].finish_reason = "cancelled"
             if not keep:
                 break
             if self.prune_finished and len(keep) < len(active) and (len(active) - len(keep)) * 4 >= len(active):
@@ -392,6 +488,21 @@ class Engine:
                             position_ids=last_pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
                 logits = out.logits[:, -1, :]
+
+    @classmethod
+    def _choose_rows(cls, scores: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+        """(b, V) scores -> (b,) ids, each row by its own parameters: rows sharing (temperature, top-k, top-p) are
+        chosen together (one group when a batch shares its parameters, as ``generate`` and rollouts do)."""
+        keys = [(p.temperature, p.top_k, p.top_p) for p in params]
+        if len(set(keys)) == 1:
+            return cls._choose(scores, params[0], generators if params[0].temperature > 0 else None)
+        out = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        for key in set(keys):
+            idx = [j for j, k in enumerate(keys) if k == key]
+            p = params[idx[0]]
+            t = torch.tensor(idx, dtype=torch.long, device=scores.device)
+            out[t] = cls._choose(scores[t], p, [generators[j] for j in idx] if p.temperature > 0 else None)
+        return out
 
     @staticmethod
     def _choose(scores: torch.Tensor, params: SamplingParams, generators: list | None) -> torch.Tensor:
@@ -443,7 +554,8 @@ def _sample_rows(probs: torch.Tensor, generators: list) -> torch.Tensor:
     return idx.clamp_max(probs.shape[-1] - 1)
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
+    """``penalty``: a float, or a (b, 1) tensor of per-row penalties (1.0 leaves a row's logits exactly as they are)."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 

@@ -1,39 +1,66 @@
 """An OpenAI-compatible HTTP server for a (tuned) model: `instructkit serve --model PATH`.
 
-Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (optionally streamed as server-sent events),
-``POST /v1/completions``. Built on the standard library's ThreadingHTTPServer: one model, one generation at a time (a
-lock around the engine; the CPU is the bottleneck anyway), no extra dependency.
+HTTP is Starlette on uvicorn (HTTP/1.1 through h11: chunked request and response bodies, keep-alive with an idle
+timeout, TCP_NODELAY on every connection as asyncio sets it). What is ours is the OpenAI surface and the batching:
+
+- ``BatchScheduler``: one worker thread owns the Engine. Requests queue their rows (one per prompt and choice, each
+  with its own sampling parameters and seed); the worker takes everything pending (up to ``max_batch_rows``) as one
+  batch and runs ``Engine.run`` over it, so concurrent requests share every decoding step. A request finishes as soon
+  as its own rows do; requests that arrive while a batch runs join the next batch. Greedy rows compute the same float
+  operations whatever else is in the batch, up to the last bits batched matmuls may round differently in
+  (tests/test_server.py checks that each concurrent reply equals the one served alone).
+- Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (``n``, ``logprobs`` / ``top_logprobs``,
+  ``echo`` with the prompt's log-probabilities and ``max_tokens: 0``, ``stop``, ``seed``, streaming as server-sent
+  events ending with ``data: [DONE]`` in a chunked body, so a cut stream is detectable), ``GET /v1/models``,
+  ``GET /v1/models/{id}``, ``GET /health``, ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (the
+  vLLM-style endpoints lm-evaluation-harness uses for a remote tokenizer).
+- Every request field is either implemented or refused with a 400 naming it (``response_format`` other than text,
+  ``logit_bias``, ``tools``, ``suffix``, non-zero presence/frequency penalties, unknown keys): never accepted and ignored.
+  ``user`` is accepted: it identifies the caller and changes no output.
 
 The promises (RELIABILITY.md):
-- S7: binds 127.0.0.1 unless told otherwise; request bodies above ``max_request_bytes`` get 413; ``max_tokens`` above
-  ``max_tokens_limit`` and prompts longer than ``max_prompt_tokens`` get 400; bad JSON or bad fields get 400 with a
-  message in the OpenAI error shape.
-- S2: the chat template is the model's own (through chat/render.py); a request carrying a template or template kwargs is
-  refused, so a client can never make the server render attacker-supplied Jinja.
-- S6: no request field is ever used as a path (the model is fixed at start-up; ``model`` in a request is only compared
-  with the served name).
-- S5: with ``api_key``, every request needs ``Authorization: Bearer <key>`` (constant-time comparison); the key is never
-  logged or echoed.
+- S7: binds 127.0.0.1 unless told otherwise. A body longer than ``max_request_bytes`` gets 413 however it is framed
+  (a Content-Length above the limit is refused before reading; a chunked body is counted as it arrives); a malformed
+  Content-Length (negative, not a number) is a 400 from the HTTP layer before any byte reaches the application.
+  ``max_tokens`` above ``max_tokens_limit`` and prompts above ``max_prompt_tokens`` get 400; bad JSON gets 400; a wrong
+  method 405; an unknown path 404; all in the OpenAI error shape. Timeouts: ``body_timeout_s`` for reading a body
+  (408), ``request_timeout_s`` for a whole generation (504, or an error event in a stream), ``idle_timeout_s`` for
+  keep-alive connections.
+- S2: the chat template is the model's own (through chat/render.py); a request carrying a template or template kwargs
+  is refused, so a client can never make the server render attacker-supplied Jinja.
+- S6: no request field is ever used as a path (the model is fixed at start-up; ``model`` is only compared with the
+  served name).
+- S5: with ``api_key``, every endpoint but ``/health`` needs ``Authorization: Bearer <key>`` (``hmac.compare_digest``);
+  the key is never logged or echoed (the access log is ours: method, path, status, time; no headers).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from instructkit.generation.engine import Engine, SamplingParams
+from instructkit.generation.engine import Engine, GenerationOutput, Row, SamplingParams
 
 log = logging.getLogger(__name__)
 
-REFUSED_FIELDS = ("chat_template", "chat_template_kwargs", "template", "template_kwargs", "add_generation_prompt",
-                  "tools", "functions")
+TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "template", "template_kwargs", "add_generation_prompt")
+# Request fields per endpoint; anything else is a 400 naming the field.
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed",
+           "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "user", "logit_bias",
+           "response_format"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
+                         "function_call", "parallel_tool_calls"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
+MESSAGE_FIELDS = {"role", "content"}
 
 
 class RequestError(Exception):
@@ -51,10 +78,21 @@ class ServerLimits:
     default_max_tokens: int = 256
     max_prompt_tokens: int = 8192
     max_batch: int = 16
+    """Prompts per completions request."""
+    max_n: int = 16
+    max_batch_rows: int = 64
+    """Rows (prompts x choices) the engine decodes together; requests beyond it wait for the next batch."""
+    max_pending_rows: int = 1024
+    """Rows queued before new requests get 503."""
+    request_timeout_s: float = 600.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 5.0
+    batch_wait_s: float = 0.005
+    """How long the worker waits, after the first request of an idle spell, for concurrent ones to join its batch."""
 
 
 def _num(body: dict, key: str, default, kind, lo=None, hi=None):
-    v = body.get(key, default)
+    v = body.get(key)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
@@ -65,8 +103,141 @@ def _num(body: dict, key: str, default, kind, lo=None, hi=None):
     return v
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The batching worker
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Ticket:
+    """One request's work: rows to generate (and, for ``echo``, prompts to score), and how to tell its handler."""
+    rows: list[Row]
+    score: list[list[int]] = field(default_factory=list)
+    score_top: int = 0
+    stream: bool = False
+    loop: asyncio.AbstractEventLoop | None = None
+    queue: asyncio.Queue | None = None
+    prompt_scores: list = field(default_factory=list)
+    outputs: list[GenerationOutput] | None = None
+    error: str | None = None
+    _sent_chars: list[int] = field(default_factory=list)
+    _sent_tokens: list[int] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        for r in self.rows:
+            r.cancelled = True
+
+    def _put(self, item) -> None:
+        if self.loop is not None and self.queue is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class BatchScheduler:
+    """Runs every generation on one worker thread, batching the rows of concurrent requests (see module docstring)."""
+
+    def __init__(self, engine: Engine, limits: ServerLimits):
+        self.engine = engine
+        self.limits = limits
+        self._pending: list[Ticket] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self.batches = 0  # counters for tests and logs
+        self.max_rows_seen = 0
+        self._thread = threading.Thread(target=self._work, name="instructkit-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, ticket: Ticket) -> None:
+        with self._cv:
+            if sum(len(t.rows) for t in self._pending) + len(ticket.rows) > self.limits.max_pending_rows:
+                raise RequestError(503, "the server is overloaded (too many queued requests); retry later")
+            self._pending.append(ticket)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def _take(self) -> list[Ticket]:
+        with self._cv:
+            while not self._pending and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return []
+        if self.limits.batch_wait_s > 0:  # let requests sent at the same moment arrive and join this batch
+            time.sleep(self.limits.batch_wait_s)
+        with self._cv:
+            taken, rows = [], 0
+            while self._pending and (not taken or rows + len(self._pending[0].rows) <= self.limits.max_batch_rows):
+                t = self._pending.pop(0)
+                taken.append(t)
+                rows += len(t.rows)
+            return taken
+
+    def _work(self) -> None:
+        while True:
+            tickets = self._take()
+            if not tickets:
+                return
+            try:
+                self._run(tickets)
+            except Exception as e:  # never let one bad batch kill the worker
+                log.exception("generation failed")
+                for t in tickets:
+                    if t.outputs is None:
+                        t.error = f"generation failed: {type(e).__name__}: {e}"
+                        t._put(("error", t.error))
+
+    def _run(self, tickets: list[Ticket]) -> None:
+        eng = self.engine
+        scoring = [t for t in tickets if t.score]
+        for t in scoring:
+            t.prompt_scores = eng.prompt_logprobs(t.score, top_k=t.score_top)
+        rows = [r for t in tickets for r in t.rows]
+        self.batches += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        for t in tickets:
+            t._sent_chars = [0] * len(t.rows)
+            t._sent_tokens = [0] * len(t.rows)
+        live = [t for t in tickets if any(not r.cancelled for r in t.rows)]
+        done: set[int] = set()
+        steps = eng.run(rows)
+        for _ in steps:
+            for t in live:
+                if id(t) in done:
+                    continue
+                if t.stream:
+                    self._push_deltas(t)
+                if all(r.finish_reason is not None for r in t.rows):
+                    self._finish(t)
+                    done.add(id(t))
+        for t in tickets:  # rows that never decoded (max_tokens 0, or all cancelled) and the last step's rows
+            if id(t) not in done:
+                if t.stream:
+                    self._push_deltas(t)
+                self._finish(t)
+
+    def _push_deltas(self, t: Ticket) -> None:
+        out = []
+        for j, r in enumerate(t.rows):
+            text = self.engine.settled_text(r)
+            n_tok = len(r.tokens)
+            if len(text) > t._sent_chars[j] or n_tok > t._sent_tokens[j]:
+                out.append((j, text[t._sent_chars[j]:], t._sent_tokens[j], n_tok))
+                t._sent_chars[j] = max(t._sent_chars[j], len(text))
+                t._sent_tokens[j] = n_tok
+        if out:
+            t._put(("delta", out))
+
+    def _finish(self, t: Ticket) -> None:
+        t.outputs = [self.engine.output(r) for r in t.rows]
+        t._put(("done", None))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The OpenAI surface
+# ---------------------------------------------------------------------------------------------------------------------
 class OpenAIServer:
-    """Wraps an Engine; ``serve_forever()`` or ``start()`` (background thread) / ``stop()``."""
+    """Wraps an Engine; ``serve_forever()``, or ``start()`` (background thread) / ``stop()``."""
 
     def __init__(self, engine: Engine, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, limits: ServerLimits | None = None):
@@ -74,74 +245,117 @@ class OpenAIServer:
         self.model_name = model_name
         self.limits = limits or ServerLimits()
         self._api_key = api_key or None
-        self._lock = threading.Lock()
         self.created = int(time.time())
-        server = self
+        self.scheduler = BatchScheduler(engine, self.limits)
+        self._token_cache: dict[int, str] = {}
+        self.app = self._build_app()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when their proto says TCP (and
+        # they inherit it from this one); without it every keep-alive response stalls ~40 ms (Nagle + delayed ACK)
+        self._sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(2048)
+        self._sock.set_inheritable(True)
+        import uvicorn
 
-        class Handler(_Handler):
-            app = server
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self._uv = uvicorn.Server(uvicorn.Config(
+            self.app, log_level="warning", access_log=False, server_header=False, lifespan="off",
+            timeout_keep_alive=max(1, int(round(self.limits.idle_timeout_s))), timeout_graceful_shutdown=2,
+            h11_max_incomplete_event_size=64 * 1024))
         self._thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.httpd.server_address[:2]
+        return self._sock.getsockname()[:2]
 
     @property
     def base_url(self) -> str:
         host, port = self.address
-        return f"http://{host}:{port}/v1"
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
 
     def start(self) -> "OpenAIServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._uv.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
+        deadline = time.time() + 30
+        while not self._uv.started and time.time() < deadline:
+            time.sleep(0.01)
         return self
 
     def serve_forever(self) -> None:
-        self.httpd.serve_forever()
+        self._uv.run(sockets=[self._sock])
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._uv.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.close()
 
-    # ---- request handling -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.scheduler.close()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    # ---- request parsing --------------------------------------------------------------------------------------------
     def check_auth(self, header: str | None) -> None:
         if self._api_key is None:
             return
-        given = (header or "").removeprefix("Bearer ").strip() if (header or "").startswith("Bearer ") else ""
+        header = header or ""
+        given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
         if not hmac.compare_digest(given.encode(), self._api_key.encode()):
             raise RequestError(401, "missing or invalid API key (Authorization: Bearer ...)")
 
-    def _common(self, body: dict) -> SamplingParams:
+    def _common(self, body: Any, allowed: set[str], default_max_tokens: int) -> tuple[SamplingParams, int]:
         if not isinstance(body, dict):
             raise RequestError(400, "the request body must be a JSON object")
-        for key in REFUSED_FIELDS:
+        for key in TEMPLATE_FIELDS:
             if key in body:
                 raise RequestError(400, f"'{key}' is not accepted: this server applies the model's own chat template "
                                         "and never one sent in a request", key)
+        unknown = sorted(k for k in body if k not in allowed)
+        if unknown:
+            raise RequestError(400, f"unsupported field(s): {', '.join(map(repr, unknown))}", unknown[0])
+        for key in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
+            if body.get(key) is not None:
+                raise RequestError(400, f"'{key}': tool calling is not supported by this server yet", key)
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise RequestError(404, f"model '{model}' is not served here; this server serves '{self.model_name}'",
                                "model")
-        if _num(body, "n", 1, int, 1, 1) != 1:
-            raise RequestError(400, "only n=1 is supported", "n")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = _num({"max_tokens": max_tokens}, "max_tokens", self.limits.default_max_tokens, int, 1,
-                          self.limits.max_tokens_limit)
-        stop = body.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 8:
-            raise RequestError(400, "'stop' must be a string or a list of at most 8 strings", "stop")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RequestError(400, "'seed' must be an integer", "seed")
+        rf = body.get("response_format")
+        if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text" and len(rf) == 1):
+            raise RequestError(400, "'response_format': only {\"type\": \"text\"} is supported (JSON mode needs "
+                                    "constrained decoding, which this server does not do)", "response_format")
+        if body.get("logit_bias"):
+            raise RequestError(400, "'logit_bias' is not supported", "logit_bias")
         for k in ("presence_penalty", "frequency_penalty"):
             if _num(body, k, 0.0, float, -2.0, 2.0) != 0.0:
                 raise RequestError(400, f"'{k}' is not supported (use repetition_penalty)", k)
-        return SamplingParams(
+        if body.get("user") is not None and not isinstance(body["user"], str):
+            raise RequestError(400, "'user' must be a string", "user")
+        n = _num(body, "n", 1, int, 1, self.limits.max_n)
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _num({key: body.get(key)}, key, default_max_tokens, int, 0, self.limits.max_tokens_limit)
+        stop = body.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
+            raise RequestError(400, "'stop' must be a string or a list of at most 16 strings", "stop")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RequestError(400, "'seed' must be an integer", "seed")
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise RequestError(400, "'stream' must be a boolean", "stream")
+        opts = body.get("stream_options")
+        if opts is not None:
+            if not stream:
+                raise RequestError(400, "'stream_options' needs 'stream': true", "stream_options")
+            if not isinstance(opts, dict) or set(opts) - {"include_usage"} or \
+                    not isinstance(opts.get("include_usage", False), bool):
+                raise RequestError(400, "'stream_options' supports only {\"include_usage\": bool}", "stream_options")
+        params = SamplingParams(
             max_new_tokens=max_tokens,
             temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
             top_p=_num(body, "top_p", 1.0, float, 1e-6, 1.0),
@@ -149,8 +363,9 @@ class OpenAIServer:
             repetition_penalty=_num(body, "repetition_penalty", 1.0, float, 0.01, 10.0),
             stop_strings=tuple(stop),
             seed=seed,
-            logprobs=False,  # the API answers "logprobs": null
+            logprobs=False,
         )
+        return params, n
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -158,9 +373,7 @@ class OpenAIServer:
         if len(ids) > self.limits.max_prompt_tokens:
             raise RequestError(400, f"the prompt has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}")
 
-    def chat_request(self, body: dict) -> tuple[list[int], SamplingParams]:
-        params = self._common(body)
-        msgs = body.get("messages")
+    def _messages(self, msgs: Any) -> list[dict]:
         if not isinstance(msgs, list) or not msgs:
             raise RequestError(400, "'messages' must be a non-empty list", "messages")
         clean = []
@@ -169,6 +382,10 @@ class OpenAIServer:
                 raise RequestError(400, f"messages[{i}] must be an object with a string 'role'", "messages")
             if m["role"] not in ("system", "user", "assistant", "developer"):
                 raise RequestError(400, f"messages[{i}].role {m['role']!r} is not supported", "messages")
+            extra = sorted(k for k in m if k not in MESSAGE_FIELDS and m[k] is not None)
+            if extra:
+                raise RequestError(400, f"messages[{i}]: unsupported field(s) {', '.join(map(repr, extra))}",
+                                   "messages")
             content = m.get("content")
             if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
                 parts = []
@@ -181,185 +398,432 @@ class OpenAIServer:
                 raise RequestError(400, f"messages[{i}].content must be a string", "messages")
             role = "system" if m["role"] == "developer" else m["role"]
             clean.append({"role": role, "content": content})
+        return clean
+
+    def chat_request(self, body: Any) -> tuple[list[int], SamplingParams, int]:
+        params, n = self._common(body, CHAT_FIELDS, self.limits.default_max_tokens)
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise RequestError(400, "'logprobs' must be a boolean", "logprobs")
+        top = _num(body, "top_logprobs", 0, int, 0, 20)
+        if top and not logprobs:
+            raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        params.logprobs, params.top_logprobs = bool(logprobs), top
+        if params.max_new_tokens == 0:
+            raise RequestError(400, "'max_tokens' must be at least 1 for chat completions", "max_tokens")
+        clean = self._messages(body.get("messages"))
         try:
             ids = self.engine.chat_prompt_ids(clean)
         except Exception as e:  # the template rejected the conversation (e.g. roles out of order)
             raise RequestError(400, f"the chat template could not render these messages: {e}", "messages") from None
         self._check_prompt(ids)
         params.stop_token_ids = self.engine.chat_stop_token_ids()
-        return ids, params
+        return ids, params, n
 
-    def completion_request(self, body: dict) -> tuple[list[list[int]], SamplingParams]:
-        params = self._common(body)
+    def completion_request(self, body: Any) -> tuple[list[list[int]], list[str | None], SamplingParams, int, bool]:
+        params, n = self._common(body, COMPLETION_FIELDS, 16)
+        if body.get("suffix") is not None:
+            raise RequestError(400, "'suffix' (insertion) is not supported", "suffix")
+        best_of = _num(body, "best_of", n, int, 1, self.limits.max_n)
+        if best_of != n:
+            raise RequestError(400, "'best_of' other than n is not supported", "best_of")
+        echo = body.get("echo", False)
+        if echo is None:
+            echo = False
+        if not isinstance(echo, bool):
+            raise RequestError(400, "'echo' must be a boolean", "echo")
+        if echo and body.get("stream"):
+            raise RequestError(400, "'echo' with 'stream' is not supported", "echo")
+        top = _num(body, "logprobs", None, int, 0, 20)
+        params.logprobs, params.top_logprobs = top is not None, top or 0
+        if params.max_new_tokens == 0 and not echo:
+            raise RequestError(400, "'max_tokens': 0 is only meaningful with 'echo': true", "max_tokens")
         prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise RequestError(400, "'prompt' must be a string or a non-empty list of strings", "prompt")
-        if len(prompts) > self.limits.max_batch:
-            raise RequestError(400, f"at most {self.limits.max_batch} prompts per request", "prompt")
+        vocab = len(self.engine.tokenizer)
+        is_ids = lambda p: isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)  # noqa
+                                                             for t in p)
+        if isinstance(prompt, str) or is_ids(prompt):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+            prompts = prompt
+        else:
+            raise RequestError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                                    "lists of token ids", "prompt")
+        if len(prompts) * n > self.limits.max_batch_rows or len(prompts) > self.limits.max_batch:
+            raise RequestError(400, f"at most {self.limits.max_batch} prompts and {self.limits.max_batch_rows} "
+                                    "prompts x n per request", "prompt")
         tok = self.engine.tokenizer
-        ids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        ids, texts = [], []
+        for p in prompts:
+            if isinstance(p, str):
+                ids.append(list(tok(p, add_special_tokens=True)["input_ids"]))
+                texts.append(p)
+            else:
+                if not all(0 <= t < vocab for t in p):
+                    raise RequestError(400, f"token ids must be in [0, {vocab})", "prompt")
+                ids.append(list(p))
+                texts.append(None)
         for i in ids:
             self._check_prompt(i)
-        return ids, params
+        return ids, texts, params, n, echo
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams):
-        with self._lock:
-            return self.engine.generate(prompts, params)
+    # ---- token strings ------------------------------------------------------------------------------------------
+    def token_str(self, tid: int) -> str:
+        s = self._token_cache.get(tid)
+        if s is None:
+            s = self.engine.tokenizer.decode([tid], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if len(self._token_cache) < 1_000_000:
+                self._token_cache[tid] = s
+        return s
 
-    def stream(self, prompt: list[int], params: SamplingParams):
-        with self._lock:
-            for piece in self.engine.stream(prompt, params):
-                yield piece
-            yield self.engine.last_stream_output
+    def _chat_logprobs(self, o: GenerationOutput, a: int, b: int) -> dict:
+        content = []
+        for k in range(a, b):
+            t = self.token_str(o.token_ids[k])
+            entry = {"token": t, "logprob": o.logprobs[k], "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+            if o.top_logprobs:
+                entry["top_logprobs"] = [{"token": self.token_str(i), "logprob": lp,
+                                          "bytes": list(self.token_str(i).encode("utf-8"))}
+                                         for i, lp in o.top_logprobs[k]]
+            content.append(entry)
+        return {"content": content, "refusal": None}
 
+    def _completion_logprobs(self, ids: Sequence[int], lps: Sequence, tops: Sequence | None, start: int) -> dict:
+        tokens = [self.token_str(i) for i in ids]
+        offsets, pos = [], start
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        top_out = []
+        for k in range(len(ids)):
+            top = tops[k] if tops is not None and k < len(tops) else {}
+            top_out.append(None if top is None else {self.token_str(i): lp for i, lp in top} if top else {})
+        return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top_out, "text_offset": offsets}
 
-class _Handler(BaseHTTPRequestHandler):
-    app: OpenAIServer
-    protocol_version = "HTTP/1.1"
-    server_version = "instructkit"
+    # ---- the app ----------------------------------------------------------------------------------------------------
+    def _build_app(self):
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response
+        from starlette.routing import Route
 
-    def log_message(self, fmt: str, *args: Any) -> None:  # request lines to the logger, never headers
-        log.info("%s %s", self.address_string(), fmt % args)
+        server = self
+        limits = self.limits
 
-    def _send_json(self, status: int, payload: dict, close: bool = False) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+        def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> Response:
+            kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+                    500: "server_error", 503: "server_error", 504: "server_error"}.get(status, "invalid_request_error")
+            return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                                status_code=status, headers=headers)
 
-    def _error(self, e: RequestError) -> None:
-        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
-            e.status, "invalid_request_error")
-        self.close_connection = True  # the body may be unread: never reuse this connection
-        self._send_json(e.status, {"error": {"message": e.message, "type": kind, "param": e.param, "code": None}},
-                        close=True)
+        async def read_json(request: Request) -> Any:
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limits.max_request_bytes:
+                raise RequestError(413, f"request body of {declared} bytes exceeds the limit of "
+                                        f"{limits.max_request_bytes}")
+            chunks, size = [], 0
 
-    def do_GET(self) -> None:  # noqa: N802
-        try:
-            self.app.check_auth(self.headers.get("Authorization"))
-            if self.path.rstrip("/") != "/v1/models":
-                raise RequestError(404, f"no such endpoint: GET {self.path}")
-            self._send_json(200, {"object": "list", "data": [
-                {"id": self.app.model_name, "object": "model", "created": self.app.created, "owned_by": "instructkit"}]})
-        except RequestError as e:
-            self._error(e)
+            async def read() -> None:
+                nonlocal size
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limits.max_request_bytes:
+                        raise RequestError(413, f"request body exceeds the limit of {limits.max_request_bytes} bytes")
+                    chunks.append(chunk)
 
-    def _read_body(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise RequestError(411, "Content-Length is required")
-        try:
-            n = int(length)
-        except ValueError:
-            raise RequestError(400, "bad Content-Length") from None
-        if n > self.app.limits.max_request_bytes:
-            self.close_connection = True  # the unread body must not be taken for the next request
-            raise RequestError(413, f"request body of {n} bytes exceeds the limit of {self.app.limits.max_request_bytes}")
-        raw = self.rfile.read(n)
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(400, f"the request body is not valid JSON: {e}") from None
-
-    def do_POST(self) -> None:  # noqa: N802
-        try:
-            self.app.check_auth(self.headers.get("Authorization"))
-            path = self.path.rstrip("/")
-            if path not in ("/v1/chat/completions", "/v1/completions"):
-                raise RequestError(404, f"no such endpoint: POST {self.path}")
-            body = self._read_body()
-            chat = path == "/v1/chat/completions"
-            if chat:
-                ids, params = self.app.chat_request(body)
-                prompts = [ids]
-            else:
-                prompts, params = self.app.completion_request(body)
-            stream = body.get("stream", False)
-            if not isinstance(stream, bool):
-                raise RequestError(400, "'stream' must be a boolean", "stream")
-            if stream and len(prompts) != 1:
-                raise RequestError(400, "streaming supports one prompt per request", "stream")
-        except RequestError as e:
-            self._error(e)
-            return
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        if stream:
-            self._stream(rid, chat, prompts[0], params, body)
-            return
-        outs = self.app.generate(prompts, params)
-        created = int(time.time())
-        choices = []
-        for i, o in enumerate(outs):
-            if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": o.text},
-                                "finish_reason": o.finish_reason, "logprobs": None})
-            else:
-                choices.append({"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None})
-        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": sum(len(o.token_ids) for o in outs)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        self._send_json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                              "created": created, "model": self.app.model_name, "choices": choices, "usage": usage})
-
-    def _stream(self, rid: str, chat: bool, prompt: list[int], params: SamplingParams, body: dict) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def send(choice: dict, usage: dict | None = None) -> None:
-            payload = {"id": rid, "object": obj, "created": created, "model": self.app.model_name,
-                       "choices": [choice] if choice else []}
-            if usage is not None:
-                payload["usage"] = usage
-            self.wfile.write(b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n")
-            self.wfile.flush()
-
-        try:
-            if chat:
-                send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-            final = None
-            gen = self.app.stream(prompt, params)
             try:
-                for item in gen:
-                    if isinstance(item, str):
-                        if chat:
-                            send({"index": 0, "delta": {"content": item}, "finish_reason": None})
-                        else:
-                            send({"index": 0, "text": item, "finish_reason": None})
-                    else:
-                        final = item
+                await asyncio.wait_for(read(), limits.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"the request body did not arrive within {limits.body_timeout_s} s") from None
+            try:
+                return json.loads(b"".join(chunks).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+
+        def endpoint(fn, auth: bool = True):
+            async def wrapped(request: Request) -> Response:
+                t0 = time.perf_counter()
+                try:
+                    if auth:
+                        server.check_auth(request.headers.get("authorization"))
+                    resp = await fn(request)
+                except RequestError as e:
+                    resp = error(e.status, e.message, e.param,
+                                 {"Connection": "close"} if e.status in (408, 413) else None)
+                log.info("%s %s %d %.0f ms", request.method, request.url.path, resp.status_code,
+                         1000 * (time.perf_counter() - t0))
+                return resp
+            return wrapped
+
+        async def health(request: Request) -> Response:
+            return JSONResponse({"status": "ok", "model": server.model_name})
+
+        def model_card() -> dict:
+            return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "instructkit"}
+
+        async def models(request: Request) -> Response:
+            return JSONResponse({"object": "list", "data": [model_card()]})
+
+        async def model(request: Request) -> Response:
+            if request.path_params["model_id"] != server.model_name:
+                raise RequestError(404, f"model '{request.path_params['model_id']}' is not served here", "model")
+            return JSONResponse(model_card())
+
+        async def tokenize(request: Request) -> Response:
+            body = await read_json(request)
+            if not isinstance(body, dict) or set(body) - {"model", "prompt", "messages", "add_special_tokens"}:
+                raise RequestError(400, "tokenize takes 'prompt' (or 'messages') and 'add_special_tokens'")
+            if "messages" in body:
+                ids = server.engine.chat_prompt_ids(server._messages(body["messages"]))
+            else:
+                if not isinstance(body.get("prompt"), str):
+                    raise RequestError(400, "'prompt' must be a string", "prompt")
+                add = body.get("add_special_tokens", True)
+                if not isinstance(add, bool):
+                    raise RequestError(400, "'add_special_tokens' must be a boolean", "add_special_tokens")
+                ids = list(server.engine.tokenizer(body["prompt"], add_special_tokens=add)["input_ids"])
+            return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": limits.max_prompt_tokens})
+
+        async def detokenize(request: Request) -> Response:
+            body = await read_json(request)
+            toks = body.get("tokens") if isinstance(body, dict) else None
+            vocab = len(server.engine.tokenizer)
+            if not isinstance(toks, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in toks):
+                raise RequestError(400, f"'tokens' must be a list of token ids in [0, {vocab})", "tokens")
+            text = server.engine.tokenizer.decode(toks, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            return JSONResponse({"prompt": text})
+
+        async def tokenizer_info(request: Request) -> Response:
+            tok = server.engine.tokenizer
+            return JSONResponse({"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token,
+                                 "bos_token": tok.bos_token, "pad_token": tok.pad_token,
+                                 "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None,
+                                 "model_max_length": limits.max_prompt_tokens})
+
+        async def wait(request: Request, ticket: Ticket) -> None:
+            """Until the ticket is done; cancels its rows when the client goes away or the request times out."""
+            done = asyncio.ensure_future(_until_done(ticket))
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:
+                finished, _ = await asyncio.wait({done, gone}, timeout=limits.request_timeout_s,
+                                                 return_when=asyncio.FIRST_COMPLETED)
             finally:
-                gen.close()  # a client that went away must not keep the engine lock
-            reason = final.finish_reason if final is not None else "length"
-            send({"index": 0, "delta": {}, "finish_reason": reason} if chat
-                 else {"index": 0, "text": "", "finish_reason": reason})
-            opts = body.get("stream_options")
-            if isinstance(opts, dict) and opts.get("include_usage") and final is not None:
-                usage = {"prompt_tokens": len(prompt), "completion_tokens": len(final.token_ids),
-                         "total_tokens": len(prompt) + len(final.token_ids)}
-                send({}, usage)
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("client went away during a stream")
+                gone.cancel()
+            if done not in finished:
+                ticket.cancel()
+                done.cancel()
+                if gone in finished:
+                    raise RequestError(499, "client closed the request")
+                raise RequestError(504, f"generation did not finish within {limits.request_timeout_s} s")
+            if ticket.error:
+                raise RequestError(500, ticket.error)
+
+        async def chat(request: Request) -> Response:
+            body = await read_json(request)
+            ids, params, n = server.chat_request(body)
+            seed = Engine._base_seed(params)
+            ticket = Ticket(rows=[Row(index=j, prompt=ids, params=params, seed=seed + j) for j in range(n)],
+                            stream=bool(body.get("stream")))
+            return await run(request, ticket, body, chat=True, prompts=[ids])
+
+        async def completions(request: Request) -> Response:
+            body = await read_json(request)
+            prompts, texts, params, n, echo = server.completion_request(body)
+            seed = Engine._base_seed(params)
+            rows = [Row(index=i * n + j, prompt=p, params=params, seed=seed + i * n + j)
+                    for i, p in enumerate(prompts) for j in range(n)]
+            ticket = Ticket(rows=rows, stream=bool(body.get("stream")))
+            if echo and params.logprobs:  # the prompt's own log-probabilities
+                ticket.score, ticket.score_top = prompts, params.top_logprobs
+            return await run(request, ticket, body, chat=False, prompts=prompts, texts=texts, echo=echo)
+
+        async def run(request: Request, ticket: Ticket, body: dict, *, chat: bool, prompts: list[list[int]],
+                      texts: list | None = None, echo: bool = False) -> Response:
+            ticket.loop = asyncio.get_running_loop()
+            ticket.queue = asyncio.Queue()
+            server.scheduler.submit(ticket)
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+            created = int(time.time())
+            if ticket.stream:
+                from starlette.responses import StreamingResponse
+
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return StreamingResponse(
+                    _sse(server, ticket, rid, created, chat, prompts, include_usage, limits.request_timeout_s),
+                    media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            await wait(request, ticket)
+            outs = ticket.outputs
+            n_per = len(outs) // len(prompts)
+            choices = []
+            for k, o in enumerate(outs):
+                if chat:
+                    choices.append({"index": k, "message": {"role": "assistant", "content": o.text},
+                                    "finish_reason": o.finish_reason,
+                                    "logprobs": server._chat_logprobs(o, 0, len(o.logprobs))
+                                    if ticket.rows[k].params.logprobs else None})
+                    continue
+                p = k // n_per
+                text, lp = o.text, None
+                gen_ids = o.token_ids[:len(o.logprobs)] if o.logprobs else o.token_ids
+                if echo:
+                    ptext = texts[p] if texts[p] is not None else server.engine.tokenizer.decode(
+                        prompts[p], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                    text = ptext + text
+                if ticket.rows[k].params.logprobs:
+                    ids, lps = list(gen_ids), list(o.logprobs)
+                    tops = [list(t) for t in o.top_logprobs] if o.top_logprobs else None
+                    start = len(texts[p]) if texts[p] is not None else 0
+                    if echo:
+                        plps, ptops = ticket.prompt_scores[p]
+                        ids, lps = prompts[p] + ids, plps + lps
+                        tops = (ptops + (tops or [[] for _ in gen_ids])) if ticket.score_top else None
+                        start = 0
+                    lp = server._completion_logprobs(ids, lps, tops, start)
+                choices.append({"index": k, "text": text, "finish_reason": o.finish_reason, "logprobs": lp})
+            usage = {"prompt_tokens": sum(len(p) for p in prompts),
+                     "completion_tokens": sum(len(o.token_ids) for o in outs)}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                 "created": created, "model": server.model_name, "system_fingerprint": None,
+                                 "choices": choices, "usage": usage})
+
+        routes = [
+            Route("/health", endpoint(health, auth=False), methods=["GET"]),
+            Route("/v1/models", endpoint(models), methods=["GET"]),
+            Route("/v1/models/{model_id:path}", endpoint(model), methods=["GET"]),
+            Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
+            Route("/v1/completions", endpoint(completions), methods=["POST"]),
+            Route("/tokenize", endpoint(tokenize), methods=["POST"]),
+            Route("/detokenize", endpoint(detokenize), methods=["POST"]),
+            Route("/tokenizer_info", endpoint(tokenizer_info), methods=["GET"]),
+        ]
+
+        async def http_error(request: Request, exc: HTTPException) -> Response:
+            if exc.status_code == 405:
+                return error(405, f"method {request.method} is not allowed on {request.url.path}",
+                             headers=dict(exc.headers or {}))
+            if exc.status_code == 404:
+                return error(404, f"no such endpoint: {request.method} {request.url.path}")
+            return error(exc.status_code, str(exc.detail))
+
+        async def server_error(request: Request, exc: Exception) -> Response:
+            log.exception("internal error")
+            return error(500, f"internal error: {type(exc).__name__}")
+
+        return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+async def _until_done(ticket: Ticket) -> None:
+    while True:
+        kind, _ = await ticket.queue.get()
+        if kind in ("done", "error"):
+            return
+
+
+async def _disconnected(request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _sse(server: OpenAIServer, ticket: Ticket, rid: str, created: int, chat: bool, prompts: list[list[int]],
+               include_usage: bool, timeout: float) -> AsyncIterator[bytes]:
+    """Server-sent events for a streamed request; cancels the ticket's rows if the client goes away (Starlette
+    cancels this generator) or the request times out. Ends with ``data: [DONE]`` only after a complete answer."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choices: list, usage: dict | None = None) -> bytes:
+        payload = {"id": rid, "object": obj, "created": created, "model": server.model_name,
+                   "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
+        return b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n"
+
+    deadline = time.monotonic() + timeout
+    try:
+        if chat:
+            yield event([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for k in range(len(ticket.rows))])
+        while True:
+            try:
+                kind, data = await asyncio.wait_for(ticket.queue.get(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                ticket.cancel()
+                err = {"error": {"message": f"generation did not finish within {timeout} s", "type": "server_error",
+                                 "param": None, "code": 504}}
+                yield b"data: " + json.dumps(err).encode() + b"\n\n"
+                return
+            if kind == "error":
+                err = {"error": {"message": data, "type": "server_error", "param": None, "code": 500}}
+                yield b"data: " + json.dumps(err).encode() + b"\n\n"
+                return
+            if kind == "delta":
+                choices = []
+                for j, text, a, b in data:
+                    r = ticket.rows[j]
+                    if chat:
+                        lp = None
+                        if r.params.logprobs and b > a:
+                            lp = server._chat_logprobs(_RowView(r), a, b)
+                        choices.append({"index": j, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
+                    else:
+                        lp = None
+                        if r.params.logprobs and b > a:
+                            lp = server._completion_logprobs(r.tokens[a:b], r.logprobs[a:b],
+                                                             r.top_logprobs[a:b] if r.params.top_logprobs else None,
+                                                             0)
+                        choices.append({"index": j, "text": text, "logprobs": lp, "finish_reason": None})
+                if choices:
+                    yield event(choices)
+                continue
+            # done: the finish reasons, the usage, then [DONE]
+            outs = ticket.outputs
+            final = []
+            for j, o in enumerate(outs):
+                if chat:
+                    final.append({"index": j, "delta": {}, "logprobs": None, "finish_reason": o.finish_reason})
+                else:
+                    final.append({"index": j, "text": "", "logprobs": None, "finish_reason": o.finish_reason})
+            yield event(final)
+            if include_usage:
+                pt = sum(len(p) for p in prompts)
+                ct = sum(len(o.token_ids) for o in outs)
+                yield event([], {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct})
+            yield b"data: [DONE]\n\n"
+            return
+    finally:
+        if ticket.outputs is None:
+            ticket.cancel()  # the client went away (or an error): its rows leave the batch at the next step
+
+
+@dataclass
+class _RowView:
+    """A live Row seen as a GenerationOutput for the log-probability formatter."""
+    row: Row
+
+    @property
+    def token_ids(self):
+        return self.row.tokens
+
+    @property
+    def logprobs(self):
+        return self.row.logprobs
+
+    @property
+    def top_logprobs(self):
+        return self.row.top_logprobs
 
 
 def load_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                 template: str = "auto", name: str | None = None, limits: ServerLimits | None = None) -> OpenAIServer:
-    """Load a model folder (or zoo name) and build the server around it."""
+    """Load a model folder, zoo name or Hub id and build the server around it."""
     from instructkit.config import ModelConfig
     from instructkit.models.load import load_model_and_tokenizer
 
+    limits = limits or ServerLimits()
     m, tok = load_model_and_tokenizer(ModelConfig(path=model, template=template))
     m.eval()
-    engine = Engine(m, tok, template=template)
+    engine = Engine(m, tok, template=template, max_batch_size=limits.max_batch_rows)
     return OpenAIServer(engine, name or model, host=host, port=port, api_key=api_key, limits=limits)
