@@ -287,3 +287,99 @@ def test_gemma3_270m_gguf_f32_and_q8_0(tmp_path):
     for outtype in ("f32", "q8_0"):
         check = ex.export(src, tmp_path / outtype, gguf=outtype)["gguf_check"]
         assert ex.gguf_check_passed(check, outtype) and check["tokenization_mismatches"] == [], check
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# q4_K_M (llama.cpp's quantiser), Ollama Modelfiles, model references
+# ---------------------------------------------------------------------------------------------------------------------
+needs_llama_cpp = pytest.mark.skipif(ex.llama_cpp_module() is None, reason=(
+    "llama-cpp-python is not installed and no build is cached in ~/.cache/instructkit/llama-cpp-python/site "
+    "(q4_K_M is written by llama.cpp's own quantiser; see models/export.py llama_cpp_quantizer)"))
+
+
+@pytest.fixture(scope="module")
+def tiny256(tmp_path_factory) -> Path:
+    """Rows of 256 columns, so llama.cpp's k-quants (blocks of 256) apply to most matrices."""
+    from instructkit.models.tiny import create_tiny
+
+    return create_tiny(tmp_path_factory.mktemp("tiny256"), seed=0, hidden_size=256)
+
+
+@needs_llama_cpp
+def test_gguf_q4_K_M_header_tensors_and_modelfile(tiny256, tmp_path):
+    from gguf import GGUFReader
+
+    result = ex.export(tiny256, tmp_path / "o", gguf="q4_k_m")  # any capitalisation
+    path = Path(result["gguf"])
+    assert path.name == "model-q4_K_M.gguf" and not list(path.parent.glob("*tmp*"))
+    reader = GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    assert fields["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    from transformers import AutoTokenizer
+
+    assert fields["tokenizer.chat_template"] == AutoTokenizer.from_pretrained(tiny256).chat_template
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    # llama.cpp's q4_K_M mix: Q4_K in general, Q6_K for the output layer and the later attention-value matrices;
+    # rows of 128 (ffn_down here) cannot hold a 256-block and fall back to a 32-block type
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["token_embd.weight"] == "Q4_K"
+    assert types["output.weight"] == "Q6_K" and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.ffn_down.weight"] in ("Q5_0", "Q8_0", "Q5_1", "Q4_1")
+    check = result["gguf_check"]  # transformers dequantises it back: close, not equal
+    assert check["same_tokenization"] and check["same_chat_template"]
+    assert 0.01 < check["rel_rms_logit_diff"] <= ex.GGUF_TOLERANCE["q4_K_M"]
+    assert result["modelfile_format"] == "chatml" and Path(result["modelfile"]).read_text().startswith("# Ollama")
+
+
+def test_q4_K_M_without_llama_cpp_says_how_to_get_it(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ex, "llama_cpp_module", lambda: None)
+    with pytest.raises(ex.ExportError, match="llama-cpp-python"):
+        ex.export_gguf(tiny_model_dir, tmp_path, "q4_K_M")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_modelfile_template_stops_and_system(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    result = ex.export(tiny_model_dir, tmp_path / "o", gguf="q8_0", verify=False, system="You are terse.")
+    text = Path(result["modelfile"]).read_text()
+    assert "FROM ./model-q8_0.gguf" in text and 'SYSTEM """You are terse."""' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    assert "{{ .Content }}" in text and "{{-" not in text.split('TEMPLATE """', 1)[1][3:]  # no whitespace trimming
+    # the format written renders the probe conversations exactly as the model's own Jinja template
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    fmt = ex._OLLAMA_FORMATS[result["modelfile_format"]]
+    for msgs in ex._PROBES:
+        assert ex._simulate(fmt, msgs, True) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_modelfile_formats_match_their_families():
+    """Each Ollama format against a reference Jinja template of its family (Gemma: the system prompt opens the
+    first user turn; Llama 3: BOS comes from the tokenizer, not the Modelfile)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment()
+    refs = {
+        "llama3": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}", "<|begin_of_text|>"),
+        "gemma": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + "
+                  "'\n\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = "
+                  "messages %}{% endif %}{% for m in loop_messages %}<start_of_turn>{{ 'model' if m['role'] == "
+                  "'assistant' else m['role'] }}\n{{ (first if loop.first else '') + m['content'] }}<end_of_turn>\n"
+                  "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}", "<bos>"),
+    }
+    for name, (src, bos) in refs.items():
+        t = env.from_string(src)
+        for msgs in ex._PROBES:
+            want = t.render(messages=msgs, add_generation_prompt=True, bos_token=bos)[len(bos):]
+            assert ex._simulate(ex._OLLAMA_FORMATS[name], msgs, True) == want, (name, msgs)
+
+
+def test_export_accepts_a_zoo_name_and_says_what_is_missing(tmp_path, capsys):
+    assert cli_main(["export", "--model", "no-such-model-xyz", "--out", str(tmp_path), "--gguf", "q8_0"]) == 2
+    assert "no-such-model-xyz" in capsys.readouterr().err
+    from instructkit.models.zoo import ZOO, is_prepared
+
+    name = "smollm2-135m-instruct"
+    if name in ZOO and is_prepared(name):  # CI installs it before the tests: the zoo name resolves like a folder
+        assert ex.find_model_dir(name).is_dir()

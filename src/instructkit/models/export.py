@@ -1,10 +1,23 @@
-"""Export a trained model: the LoRA adapter (peft format), a merged full model (safetensors), and GGUF (f32, q8_0).
+"""Export a trained model: the LoRA adapter (peft format), a merged full model (safetensors), GGUF (f32, q8_0, q4_K_M)
+and an Ollama ``Modelfile`` beside each GGUF.
 
-    instructkit export --model runs/quickstart --out exports/qs --adapter --merge --gguf q8_0
+    instructkit export --model runs/quickstart --out exports/qs --adapter --merge --gguf q4_K_M
 
-``--model`` is a run folder (its ``final/`` is used), an adapter folder, or a full model folder. The chat template the
-model was trained with travels with every export: in the tokenizer files of the adapter and merged folders, and as
-``tokenizer.chat_template`` in the GGUF.
+``--model`` is anything the other commands accept: a run folder (its ``final/`` is used), an adapter folder, a full
+model folder, a zoo name or a Hugging Face Hub id (``models.load.resolve_path``). The chat template the model was
+trained with travels with every export: in the tokenizer files of the adapter and merged folders, as
+``tokenizer.chat_template`` in the GGUF, and translated into Ollama's Go-template syntax in the Modelfile.
+
+Quantisations: f32 and q8_0 are written here (q8_0 through the `gguf` package's own quantiser, byte-identical to
+llama.cpp's converter). q4_K_M is llama.cpp's own k-quant mix (4-bit Q4_K blocks of 256 with 6-bit scales; Q6_K for
+the output layer and half of the attention-value and feed-forward-down matrices), which the `gguf` package cannot
+write: we write the f32 GGUF and run llama.cpp's quantiser on it (``llama_model_quantize`` from llama-cpp-python;
+see ``llama_cpp_module`` for where it is looked for), exactly as llama.cpp's ``llama-quantize`` tool does.
+
+Export time (``result["timings"]``): the export itself is a model load plus one pass over the tensors; most of the
+time used to go into verification, where transformers parsed the GGUF's metadata three times (tokenizer, config,
+weights) with gguf-py's element-by-element reader (SmolLM2, 49k tokens and merges: about 33 s per parse on this CPU
+under load, 191 s in all). ``verify_gguf`` now parses it once and hands the same reader to all three loads.
 
 GGUF is written with the `gguf` package (llama.cpp's own gguf-py) for two architectures, in the layout llama.cpp's
 convert_hf_to_gguf.py produces (we write it ourselves because that converter script is not part of the `gguf` wheel):
@@ -20,17 +33,20 @@ sample strings and the chat template with the source model (see ``gguf_check_pas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-GGUF_TYPES = ("f32", "q8_0")
-# Accepted difference when a GGUF is loaded back (see gguf_check_passed): f32 max |logit diff|; q8_0 rms logit diff
-# relative to the reference logits' standard deviation.
-GGUF_TOLERANCE = {"f32": 1e-4, "q8_0": 0.05}
+GGUF_TYPES = ("f32", "q8_0", "q4_K_M")
+# Accepted difference when a GGUF is loaded back (see gguf_check_passed): f32 max |logit diff|; q8_0 and q4_K_M rms
+# logit diff relative to the reference logits' standard deviation.
+GGUF_TOLERANCE = {"f32": 1e-4, "q8_0": 0.05, "q4_K_M": 0.25}
+LLAMA_CPP_CACHE = Path("~/.cache/instructkit/llama-cpp-python").expanduser()
 
 
 class ExportError(ValueError):
@@ -38,10 +54,18 @@ class ExportError(ValueError):
 
 
 def find_model_dir(run_or_model: str | Path) -> Path:
-    """A run folder -> its final/; an adapter or model folder -> itself."""
-    p = Path(run_or_model)
+    """A run folder -> its final/; an adapter or model folder -> itself; a zoo name or Hub id -> its local folder
+    (``models.load.resolve_path``, as every other command resolves ``--model``)."""
+    p = Path(run_or_model).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"model or run folder not found: {p}")
+        from instructkit.models.load import resolve_path
+
+        try:
+            p = Path(resolve_path(str(run_or_model)))
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # an unknown zoo name, a Hub id not in the cache while offline, ...
+            raise FileNotFoundError(f"model not found: {run_or_model} ({e})") from None
     if (p / "final").is_dir():
         p = p / "final"
     if not ((p / "adapter_config.json").exists() or (p / "config.json").exists()):
@@ -216,13 +240,21 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32") ->
     from gguf.quants import quantize
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if outtype not in GGUF_TYPES:
-        raise ExportError(f"--gguf must be one of {', '.join(GGUF_TYPES)}, got {outtype!r}")
+    outtype = gguf_type(outtype)
     model_dir = Path(model_dir)
     out = Path(out)
     if out.suffix != ".gguf":
         out = out / f"model-{outtype}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if outtype in LLAMA_CPP_FTYPES:  # llama.cpp's own quantiser, from the f32 file
+        quantize = llama_cpp_quantizer()  # before the f32 export: fail fast when llama.cpp is missing
+        f32 = out.with_name(out.stem + ".f32-tmp.gguf")
+        try:
+            export_gguf(model_dir, f32, "f32")
+            quantize(f32, out, outtype)
+        finally:
+            f32.unlink(missing_ok=True)
+        return out
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = model.config
@@ -297,6 +329,192 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32") ->
     return out
 
 
+def gguf_type(name: str) -> str:
+    """The canonical spelling of a GGUF type name (case-insensitive: q4_k_m -> q4_K_M), or an ExportError."""
+    for t in GGUF_TYPES:
+        if t.lower() == str(name).lower():
+            return t
+    raise ExportError(f"--gguf must be one of {', '.join(GGUF_TYPES)}, got {name!r}")
+
+
+# llama.cpp file types its quantiser writes for us (llama.h: enum llama_ftype)
+LLAMA_CPP_FTYPES = {"q4_K_M": 15}
+
+
+def llama_cpp_module():
+    """llama-cpp-python's ``llama_cpp`` module: the installed package, else a build kept in the cache folder
+    (``~/.cache/instructkit/llama-cpp-python/site``: the wheel built once from the sdist and unpacked, as the slow
+    tests use it; ``INSTRUCTKIT_LLAMA_CPP_DIR`` overrides the folder). None when neither exists."""
+    import importlib
+    import os
+    import sys
+
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError:
+        pass
+    site = Path(os.environ.get("INSTRUCTKIT_LLAMA_CPP_DIR") or LLAMA_CPP_CACHE / "site")
+    if not (site / "llama_cpp" / "__init__.py").exists():
+        return None
+    sys.path.insert(0, str(site))
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError:
+        sys.path.remove(str(site))
+        return None
+
+
+def llama_cpp_quantizer():
+    """``quantize(src_f32_gguf, dst, outtype)`` through llama.cpp's own ``llama_model_quantize``, or an ExportError
+    that says how to get llama.cpp (its Python binding builds from source in 15-35 minutes on 2 cores)."""
+    import ctypes
+
+    lc = llama_cpp_module()
+    if lc is None:
+        raise ExportError(
+            "GGUF q4_K_M needs llama.cpp's quantiser (the gguf package has no k-quant writer): install llama-cpp-python "
+            "(pip install llama-cpp-python==0.3.36, a source build), or build it once into the cache with `pip wheel "
+            f"--no-deps llama-cpp-python==0.3.36 -w {LLAMA_CPP_CACHE}` and unpack the wheel into {LLAMA_CPP_CACHE}/site")
+
+    def quantize(src: Path, dst: Path, outtype: str) -> None:
+        params = lc.llama_model_quantize_default_params()
+        params.ftype = LLAMA_CPP_FTYPES[outtype]
+        params.nthread = max(1, torch.get_num_threads())
+        rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ExportError(f"llama.cpp's quantiser failed on {src} (return code {rc})")
+
+    return quantize
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ollama Modelfile
+# ---------------------------------------------------------------------------------------------------------------------
+# Chat formats as Ollama writes them: each message wrapped by its role's prefix and suffix; the generation prompt after
+# the last message; BOS left to the tokenizer (llama.cpp adds it when the GGUF says add_bos_token). ``system_in_user``:
+# the format has no system turn and puts the system text at the start of the first user turn, followed by this separator
+# (Gemma's official template does that).
+_OLLAMA_FORMATS = {
+    "chatml": {"wrap": {"system": ("<|im_start|>system\n", "<|im_end|>\n"),
+                        "user": ("<|im_start|>user\n", "<|im_end|>\n"),
+                        "assistant": ("<|im_start|>assistant\n", "<|im_end|>\n")},
+               "gen": "<|im_start|>assistant\n", "stop": ["<|im_end|>", "<|im_start|>"]},
+    "llama3": {"wrap": {r: (f"<|start_header_id|>{r}<|end_header_id|>\n\n", "<|eot_id|>")
+                        for r in ("system", "user", "assistant")},
+               "gen": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+               "stop": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]},
+    "gemma": {"wrap": {"user": ("<start_of_turn>user\n", "<end_of_turn>\n"),
+                       "assistant": ("<start_of_turn>model\n", "<end_of_turn>\n")},
+              "system_in_user": "\n\n", "gen": "<start_of_turn>model\n",
+              "stop": ["<end_of_turn>", "<start_of_turn>"]},
+    "zephyr": {"wrap": {r: (f"<|{r}|>\n", "</s>\n") for r in ("system", "user", "assistant")},
+               "gen": "<|assistant|>\n", "stop": ["</s>", "<|user|>", "<|system|>"]},
+}
+
+
+def _simulate(fmt: dict, messages: list[dict], add_generation_prompt: bool) -> str:
+    """What the Ollama template built from ``fmt`` renders for ``messages`` (mirrors ``ollama_template``)."""
+    wrap = fmt["wrap"]
+    out, system = [], None
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and "system_in_user" in fmt:
+            system = m["content"]
+            continue
+        pre, suf = wrap[m["role"]]
+        content = m["content"]
+        if m["role"] == "user" and system is not None:
+            content, system = system + fmt["system_in_user"] + content, None
+        out.append(pre + content + suf)
+    if add_generation_prompt:
+        out.append(fmt["gen"])
+    return "".join(out)
+
+
+def ollama_template(fmt: dict) -> str:
+    """The Go template (Ollama's TEMPLATE) for a chat format: a loop over .Messages, one line, no whitespace trimming
+    (every character between actions is the format's own text)."""
+    def lit(s: str) -> str:
+        if "{{" in s or "}}" in s:
+            raise ExportError("chat format text contains '{{' or '}}', which Ollama's template syntax cannot hold")
+        return s
+
+    parts = ['{{- range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}']
+    roles = list(fmt["wrap"])
+    first = True
+    if "system_in_user" in fmt:
+        parts.append('{{ if eq .Role "system" }}')
+        first = False
+    for r in roles:
+        pre, suf = fmt["wrap"][r]
+        cond = f'{{{{ {"if" if first else "else if"} eq .Role "{r}" }}}}'
+        first = False
+        body = lit(pre)
+        if r == "user" and "system_in_user" in fmt:
+            body += ('{{ if and $.System (eq $i 1) }}{{ $.System }}' + lit(fmt["system_in_user"]) + "{{ end }}")
+        body += "{{ .Content }}"
+        if r == "assistant":  # a last assistant message is a prefill Ollama continues: no end of turn after it
+            body += "{{ if not $last }}" + lit(suf) + "{{ end }}"
+        else:
+            body += lit(suf) + "{{ if $last }}" + lit(fmt["gen"]) + "{{ end }}"
+        parts.append(cond + body)
+    parts.append("{{ end }}{{ end }}")
+    return "".join(parts)
+
+
+# Conversations the Modelfile's format must render exactly as the model's own template does
+_PROBES = (
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "And 3+3?"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "U2"}],
+)
+
+
+def detect_ollama_format(tokenizer) -> tuple[str | None, str]:
+    """(name of the format in _OLLAMA_FORMATS that renders every probe conversation exactly as the tokenizer's chat
+    template does, BOS stripped; or None) and a sentence saying why."""
+    if not tokenizer.chat_template:
+        return None, "the tokenizer has no chat template"
+    bos = tokenizer.bos_token or ""
+    renders = []
+    for msgs in _PROBES:
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception:  # e.g. a template without a system role: only probes it accepts count
+            continue
+        renders.append((msgs, text[len(bos):] if bos and text.startswith(bos) else text))
+    if not renders:
+        return None, "the chat template renders none of the probe conversations"
+    for name, fmt in _OLLAMA_FORMATS.items():
+        if all(_simulate(fmt, m, True) == t for m, t in renders):
+            return name, f"the model's chat template renders as the {name} format"
+    return None, ("the model's chat template matches none of the formats written for Ollama "
+                  f"({', '.join(_OLLAMA_FORMATS)}): Ollama will use the template stored in the GGUF if it knows it")
+
+
+def write_modelfile(gguf_path: Path, tokenizer, system: str | None = None) -> tuple[Path, str | None, str]:
+    """Write <gguf folder>/Modelfile: FROM the GGUF, TEMPLATE in Ollama's Go-template syntax, a PARAMETER stop per
+    end-of-turn marker, SYSTEM when given. Returns (path, format name or None, why)."""
+    name, why = detect_ollama_format(tokenizer)
+    lines = [f"# Ollama Modelfile written by instructkit export ({why})", f"FROM ./{gguf_path.name}", ""]
+    if name is not None:
+        fmt = _OLLAMA_FORMATS[name]
+        lines += [f'TEMPLATE """{ollama_template(fmt)}"""', ""]
+        for stop in fmt["stop"]:
+            lines.append(f"PARAMETER stop {json.dumps(stop)}")
+    elif tokenizer.eos_token:
+        lines.append(f"PARAMETER stop {json.dumps(tokenizer.eos_token)}")
+    if system:
+        if '"""' in system:
+            raise ExportError('the system prompt cannot contain """ (Ollama\'s Modelfile quoting)')
+        lines += ["", f'SYSTEM """{system}"""']
+    path = gguf_path.parent / "Modelfile"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, name, why
+
+
 # Strings whose tokenisation must survive the GGUF round trip: plain English, leading/trailing/multiple spaces and
 # newlines, digits, punctuation, non-ASCII (byte fallback in byte-level BPE), and a special token spelled in the text.
 TOKENIZATION_SAMPLES = (
@@ -318,9 +536,33 @@ def gguf_check_passed(check: dict, outtype: str) -> bool:
     (30 layers) 3.5%, Gemma-3-270M 2.9%. The argmax can flip where two logits are close, so it is reported
     (``same_argmax``), not required."""
     ok = check["same_tokenization"] and check["same_chat_template"]
+    outtype = gguf_type(outtype)
     if outtype == "f32":
         return ok and check["max_abs_logit_diff"] <= GGUF_TOLERANCE["f32"]
     return ok and check["rel_rms_logit_diff"] <= GGUF_TOLERANCE[outtype]
+
+
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """transformers builds a new gguf-py GGUFReader for the tokenizer, the config and the weights of one file; its
+    metadata parse reads token arrays element by element (about a third of a minute per parse for SmolLM2's 49k
+    tokens and merges on this CPU). Within this block a file is parsed once and its reader reused."""
+    import gguf as mg  # transformers imports GGUFReader from the package at each call
+
+    original = mg.GGUFReader
+    readers: dict = {}
+
+    def cached(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    mg.GGUFReader = cached
+    try:
+        yield
+    finally:
+        mg.GGUFReader = original
 
 
 @torch.no_grad()
@@ -332,8 +574,10 @@ def verify_gguf(gguf_path: str | Path, model_dir: str | Path,
     gguf_path = Path(gguf_path)
     ref_tok = AutoTokenizer.from_pretrained(model_dir)
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    got = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    with _one_gguf_parse():
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        got = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                   dtype=torch.float32).eval()
     chat = ref_tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                        add_generation_prompt=True) if ref_tok.chat_template else text
     samples = (chat, *TOKENIZATION_SAMPLES)
@@ -371,12 +615,14 @@ def _export_adapter(src: Path, adapter_out: Path) -> Path:
 
 
 def export(run_or_model: str | Path, out: str | Path, *, merge: bool = False, adapter: bool = False,
-           gguf: str | None = None, verify: bool = True) -> dict:
+           gguf: str | None = None, verify: bool = True, modelfile: bool = True, system: str | None = None) -> dict:
     """Everything `instructkit export` writes; returns the paths and verification numbers.
 
     ``adapter``: write <out>/adapter (peft format); also the default for an adapter source when nothing else is asked.
     ``merge``: write <out>/merged (base + adapter merged; a full model source is already merged).
-    ``gguf``: write <out>/model-<gguf>.gguf from the full weights (an adapter source is merged first)."""
+    ``gguf``: write <out>/model-<gguf>.gguf from the full weights (an adapter source is merged first), and with
+    ``modelfile`` an Ollama Modelfile beside it (``system``: its SYSTEM prompt)."""
+    gguf = gguf_type(gguf) if gguf else None
     src = find_model_dir(run_or_model)
     is_adapter = (src / "adapter_config.json").exists()
     if adapter and not is_adapter:
@@ -405,10 +651,23 @@ def export(run_or_model: str | Path, out: str | Path, *, merge: bool = False, ad
             result["merged"] = str(src)  # already a full model: nothing to merge
     if gguf:
         assert full_dir is not None
+        timings = result.setdefault("timings", {})
+        t0 = time.perf_counter()
         path = export_gguf(full_dir, out / f"model-{gguf}.gguf", gguf)
+        timings["gguf_s"] = round(time.perf_counter() - t0, 2)
         result["gguf"] = str(path)
+        if modelfile:
+            from transformers import AutoTokenizer
+
+            mf, fmt, why = write_modelfile(path, AutoTokenizer.from_pretrained(full_dir), system)
+            result["modelfile"] = str(mf)
+            result["modelfile_format"] = fmt
+            if fmt is None:
+                result["modelfile_note"] = why
         if verify:
+            t0 = time.perf_counter()
             check = verify_gguf(path, full_dir)
+            timings["verify_s"] = round(time.perf_counter() - t0, 2)
             result["gguf_check"] = check
             if not gguf_check_passed(check, gguf):
                 raise ExportError(f"GGUF verification failed for {path}: {check}")
