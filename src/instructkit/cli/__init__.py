@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "chat",
     "tasks",
     "experiment",
+    "ui",
 )
 
 

@@ -1,0 +1,1 @@
+"""The local web UI (`instructkit ui`): see app.py."""
