@@ -271,7 +271,11 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list)
     """Prompts for the sample generations."""
     tensorboard: bool = False
-    """Also write TensorBoard event files."""
+    """Also write TensorBoard event files (same as listing tensorboard in report_to)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get the metrics.jsonl records, the resolved config and the final summary:
+    any of tensorboard, wandb (offline unless WANDB_MODE says otherwise), mlflow (a file store in <run>/mlruns unless
+    MLFLOW_TRACKING_URI is set). See training/tracking.py."""
     threads: int = 0
     """torch intra-op threads (0: leave torch's default)."""
 

@@ -46,5 +46,9 @@ def _run(args) -> int:
     except NonFiniteError as e:
         print(f"error: training stopped: {e} (no checkpoint was written after it)", file=sys.stderr)
         return 1
+    if isinstance(summary, dict) and summary.get("run_dir"):
+        from instructkit.training.tracking import finish_run
+
+        finish_run(summary["run_dir"], summary)  # the trackers of train.report_to get the final summary
     print(json.dumps(summary, default=str))
     return 0

@@ -34,6 +34,9 @@ def run_sft(args) -> int:
     except NonFiniteError as e:
         print(f"error: training stopped: {e} (no checkpoint was written after it)", file=sys.stderr)
         return 1
+    from instructkit.training.tracking import finish_run
+
+    finish_run(summary["run_dir"], summary)  # the trackers of train.report_to get the final summary
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "first_loss", "last_loss", "val_loss", "final")}))
     return 0

@@ -310,7 +310,9 @@ def total_steps_for(cfg: TrainConfig, plan: StepPlan) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class MetricsLogger:
-    """Appends one JSON line per record to ``<run_dir>/metrics.jsonl`` (main process only), optionally TensorBoard."""
+    """Appends one JSON line per record to ``<run_dir>/metrics.jsonl`` (main process only), and forwards it to the
+    trackers ``train.report_to`` in the run's config.yaml names (training/tracking.py; ``tensorboard=True`` adds
+    TensorBoard, the older flag)."""
 
     run_dir: Path
     enabled: bool = True
@@ -319,13 +321,10 @@ class MetricsLogger:
 
     def __post_init__(self) -> None:
         self.path = Path(self.run_dir) / "metrics.jsonl"
-        if self.enabled and self.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if self.enabled:
+            from instructkit.training.tracking import tracker_for_run
 
-                self._tb = SummaryWriter(str(Path(self.run_dir) / "tensorboard"))
-            except ImportError:  # tensorboard not installed: metrics.jsonl only
-                self._tb = None
+            self._tb = tracker_for_run(self.run_dir, extra=["tensorboard"] if self.tensorboard else [])
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after ``step`` (written by a run killed after its last checkpoint)."""
@@ -343,13 +342,11 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
             f.flush()
         if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self._tb.add_scalar(k, v, record.get("step", 0))
+            self._tb.log(record)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        if self._tb is not None:  # the trackers wait for the run's summary (tracking.finish_run)
+            self._tb.close_metrics()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
