@@ -159,7 +159,10 @@ from dataclasses import dataclass, field  # noqa: E402
 @dataclass
 class ModelConfig:
     path: str = ""
-    """A local Hugging Face model folder, or a zoo name (`instructkit models list`)."""
+    """A local Hugging Face model folder, a zoo name (`instructkit models list`), or a Hugging Face Hub id
+    (`Qwen/Qwen2.5-0.5B-Instruct`, optionally `@revision`) resolved through the Hub cache (offline: cache only)."""
+    revision: str | None = None
+    """Hub ids only: the branch, tag or commit to use (None: main)."""
     template: str = "auto"
     """Chat template: "auto" (the tokenizer's own Jinja template) or a built-in name (llama3, chatml, gemma, mistral,
     zephyr, alpaca). The template used is saved with the trained model."""

@@ -26,16 +26,23 @@ log = logging.getLogger(__name__)
 _PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "[PAD]", "<|padding|>")
 
 
-def resolve_path(name_or_path: str) -> Path:
-    """A local folder as is; otherwise a zoo name (models/zoo.py, imported lazily) converted to a safetensors cache."""
+def resolve_path(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Path:
+    """A local folder as is; a zoo name (models/zoo.py) converted to a safetensors cache; else a Hugging Face Hub id
+    (``org/name``, optionally ``@revision``) resolved through the Hub cache like from_pretrained (models/hub.py)."""
     p = Path(name_or_path).expanduser()
     if p.exists():
         return p
+    from instructkit.models.hub import looks_like_hub_id, resolve_hub_model
+
     try:
-        from instructkit.models.zoo import resolve_model
-    except ImportError:  # zoo not available: only local folders
-        raise FileNotFoundError(f"model folder not found: {name_or_path}") from None
-    return Path(resolve_model(name_or_path))
+        from instructkit.models.zoo import ZOO, resolve_model
+    except ImportError:  # zoo not available: local folders and Hub ids
+        ZOO, resolve_model = {}, None
+    if name_or_path in ZOO or resolve_model is not None and not looks_like_hub_id(str(name_or_path)):
+        return Path(resolve_model(name_or_path))
+    if looks_like_hub_id(str(name_or_path)):
+        return resolve_hub_model(str(name_or_path), revision, trust_remote_code=trust_remote_code)
+    raise FileNotFoundError(f"model folder not found: {name_or_path}")
 
 
 def ensure_pad_token(tokenizer, model=None) -> str:
@@ -112,7 +119,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, lora: LoRAConfig | None = N
 
     if not model_cfg.path:
         raise ConfigError("model.path is empty: give a local model folder or a zoo name")
-    path = resolve_path(model_cfg.path)
+    path = resolve_path(model_cfg.path, model_cfg.revision, model_cfg.trust_remote_code)
     dtype = getattr(torch, model_cfg.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"model.dtype={model_cfg.dtype!r} is not a torch dtype")
