@@ -51,7 +51,9 @@ def test_every_builtin_passes_with_its_standin_tokenizer(name):
     report = lint_template(tok_for(name), name)
     assert report.ok, "\n".join(f"{c.name}: {c.detail}" for c in report.checks)
     assert {c.name for c in report.checks} == set(CHECK_NAMES)
-    assert all(c.status == OK for c in report.checks)
+    # qwen3 drops earlier turns' reasoning by design: the one warning says each such turn trains in its own sequence
+    expected_warn = {"append_stable"} if name == "qwen3" else set()
+    assert {c.name for c in report.checks if c.status != OK} == expected_warn
 
 
 def test_tokenizers_own_template_passes(tiny_tokenizer):

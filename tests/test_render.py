@@ -20,6 +20,11 @@ from instructkit.chat.templates import BUILTIN_TEMPLATES, TemplateError, standin
 from instructkit.data.schema import Conversation, Message
 
 
+# Built-ins whose answers are exactly content + end-of-turn and whose renders are prefix-stable (qwen3 writes a think
+# block and re-renders earlier turns: tests/test_reasoning_tools.py covers it)
+ANSWER_ONLY = sorted(n for n in BUILTIN_TEMPLATES if n != "qwen3")
+
+
 @functools.lru_cache(maxsize=None)
 def tok_for(name: str):
     return standin_tokenizer(name)
@@ -116,7 +121,7 @@ def test_truncation_keeps_the_mask_aligned(tiny_tokenizer):
 
 # ---- end of turn, generation prompt, BOS -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+@pytest.mark.parametrize("name", ANSWER_ONLY)
 def test_supervised_tokens_are_content_plus_end_of_turn(name):
     r = renderer_for(name)
     tok = tok_for(name)
@@ -130,7 +135,7 @@ def test_supervised_tokens_are_content_plus_end_of_turn(name):
     assert not out.eot_missing
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+@pytest.mark.parametrize("name", ANSWER_ONLY)
 def test_render_prompt_is_the_training_prefix(name):
     r = renderer_for(name)
     conv = [m for m in CONV if name != "mistral" or m["role"] != "system"]
@@ -255,7 +260,7 @@ def _injection_case(r, tok, roles):
     assert decode(tok, dirty_out.input_ids) == dirty_out.text
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+@pytest.mark.parametrize("name", ANSWER_ONLY)
 def test_no_injection_in_any_role_builtin(name):
     _injection_case(renderer_for(name), tok_for(name), _roles_for(name))
 
@@ -305,7 +310,7 @@ def _check_properties(r: Renderer, tok, conv):
     assert out.input_ids[: len(prompt)] == prompt
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+@pytest.mark.parametrize("name", ANSWER_ONLY)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_property_builtin_templates(name, data):

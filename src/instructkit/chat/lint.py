@@ -15,8 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from instructkit.chat.render import Renderer, TemplatePrefixError, as_message_dicts
-from instructkit.chat.templates import TemplateError, get_template, render_text
+from instructkit.chat.render import Renderer, TemplatePrefixError, _open_reasoning_close, as_message_dicts
+from instructkit.chat.templates import TemplateError, get_template, render_text, template_messages
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -60,106 +60,223 @@ CHECK_NAMES = (
 )
 
 
-def probe_conversations(template, tokenizer) -> list[list[dict[str, str]]]:
-    """Single turn, with a system prompt (when the template accepts one), and three turns."""
+PROBE_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def probe_conversations(template, tokenizer, template_kwargs: dict | None = None) -> list[list[dict[str, Any]]]:
+    """Single turn, with a system prompt (when the template accepts one), and three turns; then, for templates that
+    render them, a reasoning turn, a multi-turn reasoning conversation and a tool call with its result. A template
+    that renders nothing without tools (a "tool_use" template) gets tool definitions in every probe."""
     single = [{"role": "user", "content": "What is the capital of France?"},
               {"role": "assistant", "content": "The capital of France is Paris."}]
     multi = [{"role": "user", "content": "Give me a number."}, {"role": "assistant", "content": "Seven."},
              {"role": "user", "content": "Another one, please."}, {"role": "assistant", "content": "Forty-two."},
              {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
-    out = [single, multi]
     system = [{"role": "system", "content": "You are a helpful assistant."}, *single]
     tpl = get_template(template, tokenizer)
-    try:
-        render_text(tpl, system, variables=tpl.variables(tokenizer))
-        out.insert(1, system)
+    variables = {**tpl.variables(tokenizer), **(template_kwargs or {})}
+
+    def renders(conv, needle: str | None = None, tools=None) -> bool:
+        try:
+            text = render_text(tpl, as_message_dicts(conv), variables=variables, tools=tools)
+        except TemplateError:
+            return False
+        return needle is None or needle in text
+
+    needs_tools = not renders(single) and renders(single, tools=PROBE_TOOLS)
+    wrap = (lambda c: _WithTools(c, PROBE_TOOLS)) if needs_tools else (lambda c: c)
+    tools = PROBE_TOOLS if needs_tools else None
+    out = [wrap(single), wrap(multi)]
+    if renders(system, tools=tools):
+        out.insert(1, wrap(system))  # no system role (mistral v1): not a defect
+    thought = "First, recall the capital city."
+    reasoning = [{"role": "user", "content": "What is the capital of France?"},
+                 {"role": "assistant", "content": "Paris.", "reasoning": thought}]
+    try:  # a generation prompt that opens a think block (DeepSeek-R1-Distill): reasoning is trained after it
+        opens = _open_reasoning_close(render_text(tpl, as_message_dicts(single[:1]), add_generation_prompt=True,
+                                                  variables=variables, tools=tools)) is not None
     except TemplateError:
-        pass  # no system role (mistral v1): not a defect
+        opens = False
+    if renders(reasoning, thought, tools=tools) or opens:
+        out.append(wrap(reasoning))
+        out.append(wrap([*reasoning, {"role": "user", "content": "And of Italy?"},
+                         {"role": "assistant", "content": "Rome.", "reasoning": "Recall Italy's capital."}]))
+    call = {"name": "get_weather", "arguments": '{"city": "Paris"}', "id": "call_1"}
+    tool_conv = [{"role": "user", "content": "Weather in Paris?"},
+                 {"role": "assistant", "content": "", "tool_calls": [call]},
+                 {"role": "tool", "content": '{"temperature": 21}', "tool_call_id": "call_1", "name": "get_weather"},
+                 {"role": "assistant", "content": "It is 21 degrees in Paris."}]
+    if "tool_calls" in tpl.source and "tools" in tpl.source:
+        try:
+            text = render_text(tpl, as_message_dicts(tool_conv), variables=variables, tools=PROBE_TOOLS)
+            if "get_weather" in text and "Paris" in text and "21" in text:
+                out.append(_WithTools(tool_conv, PROBE_TOOLS))
+        except TemplateError:
+            pass
     return out
 
 
-def _expected_supervised(content: str, renderer: Renderer) -> set[str]:
-    # the template may trim contents (llama3, gemma); either form followed by the end-of-turn is right
-    return {c + renderer.end_of_turn for c in (content, content.strip())}
+class _WithTools(list):
+    """A probe conversation that carries tool definitions (Conversation-like: .messages, .tools)."""
+
+    def __init__(self, messages, tools):
+        super().__init__(messages)
+        self.tools = tools
+
+    @property
+    def messages(self):
+        return list(self)
 
 
-def lint_template(tokenizer, template: Any = "auto") -> LintReport:
+def lint_template(tokenizer, template: Any = "auto", template_kwargs: dict | None = None) -> LintReport:
     """Run every check; never raises for a defective template (that is a failed check), only for unusable input."""
+    from jinja2.exceptions import SecurityError
+
     tpl = get_template(template, tokenizer)
+    try:
+        return _lint(tokenizer, tpl, template_kwargs)
+    except SecurityError as e:
+        report = LintReport(template=tpl.name)
+        report.add("renders", FAIL, f"the template does something the Jinja sandbox forbids ({e}); transformers' "
+                                    "apply_chat_template renders in the same sandbox and refuses it too: the template "
+                                    "cannot be used as it is")
+        return report
+
+
+def _lint(tokenizer, tpl, template_kwargs: dict | None) -> LintReport:
     report = LintReport(template=tpl.name)
     try:
-        renderer = Renderer(tokenizer, tpl)
+        renderer = Renderer(tokenizer, tpl, template_kwargs=template_kwargs)
+        convs = probe_conversations(tpl, tokenizer, template_kwargs)
+        renderer.render_text(convs[0])
     except TemplateError as e:
         report.add("renders", FAIL, str(e))
         return report
-    convs = probe_conversations(tpl, tokenizer)
+    render_notes = []
+    for conv in [c for c in convs if any(m.get("reasoning") for m in c)]:
+        try:
+            renderer.turn_report(conv)
+        except TemplateError as e:
+            if "reasoning switched off" in str(e):  # thinking is off unless a template variable turns it on
+                note = ("reasoning probes skipped: this template's generation prompt switches reasoning off by "
+                        "default (pass its switch, e.g. --kwargs '{\"enable_thinking\": true}', to check them)")
+            elif "does not write the reasoning" in str(e):
+                note = ("reasoning probes skipped: the template writes no reasoning_content (it expects reasoning, if "
+                        "any, inside the content); train such data with data.reasoning=drop")
+            else:
+                continue
+            convs.remove(conv)
+            if note not in render_notes:
+                render_notes.append(note)
 
-    # ---- text-level prefix properties (independent of masks) -------------------------------------------------------
-    gen_bad, app_bad = [], []
-    for conv in convs:
-        full = renderer.render_text(conv)
-        for i in range(1, len(conv) + 1):
-            upto = renderer.render_text(conv[:i])
-            if not full.startswith(upto):
-                app_bad.append(f"render of the first {i} message(s) is not a prefix of the {len(conv)}-message render")
-            if i < len(conv) and conv[i]["role"] == "assistant":
-                gen = renderer.render_text(conv[:i], add_generation_prompt=True)
-                nxt = renderer.render_text(conv[: i + 1])
-                if not nxt.startswith(gen):
-                    gen_bad.append(f"generation prompt after {i} message(s) ends {gen[-30:]!r}, training render "
-                                   f"continues {nxt[max(0, len(gen) - 30):len(gen) + 10]!r}")
-                else:
-                    # token level too: the prompt ids a model is served must be the ids it was trained on
-                    try:
-                        p_ids = renderer.render_prompt(conv[:i])
-                        t_ids = renderer.render(conv[: i + 1]).input_ids
-                        if t_ids[: len(p_ids)] != p_ids:
-                            gen_bad.append(f"after {i} message(s) the prompt token ids differ from the training ids")
-                    except TemplateError as e:
-                        gen_bad.append(str(e))
-    report.add("generation_prefix", FAIL if gen_bad else OK,
-               "; ".join(dict.fromkeys(gen_bad)) if gen_bad else
-               "the generation prompt renders (text and token ids) exactly as the training render up to the answer")
-    report.add("append_stable", FAIL if app_bad else OK,
-               "; ".join(dict.fromkeys(app_bad)) if app_bad else
-               "earlier turns render identically when turns are appended")
-
-    # ---- masks -----------------------------------------------------------------------------------------------------
-    empty, no_eot, wrong = [], [], []
-    bos_detail, bos_status = "", OK
-    rendered_any = []
+    # ---- per assistant turn: the prompt it is served, its context, the sequence it trains in -----------------------
+    gen_bad, gen_note, app_bad, app_note = [], [], [], []
     for conv in convs:
         try:
-            r = renderer.render(conv)
+            report_turns = renderer.turn_report(conv)
+            seqs = renderer.render_examples(conv)
+        except TemplatePrefixError as e:
+            (app_bad if "earlier turns change" in str(e) else gen_bad).append(str(e))
+            continue
+        except TemplateError as e:
+            gen_bad.append(str(e))
+            continue
+        for t in report_turns:
+            i = t["message"]
+            if t["prefill"] is not None:
+                gen_note.append(f"the generation prompt pre-fills {t['prefill']!r}, which the training render of the "
+                                "answer does not have: answers are trained after the prompt itself")
+            if t["own_sequence"]:
+                app_note.append(f"answer {i}")
+            # token level: the prompt ids a model is served must be the ids it was trained on
+            seq = next(r for r in seqs if i in r.turn_messages)
+            try:
+                p_ids = renderer.render_prompt(_sub(conv, i))
+            except TemplateError as e:
+                gen_bad.append(str(e))
+                continue
+            if seq.input_ids[: len(p_ids)] != p_ids:
+                gen_bad.append(f"after {i} message(s) the prompt token ids differ from the training ids")
+    gen_status = FAIL if gen_bad else (WARN if gen_note else OK)
+    report.add("generation_prefix", gen_status,
+               "; ".join(dict.fromkeys(gen_bad)) if gen_bad else
+               ("; ".join(dict.fromkeys(gen_note)) if gen_note else
+                "the generation prompt renders (text and token ids) exactly as the training render up to the answer"))
+    if app_bad:
+        report.add("append_stable", FAIL, "; ".join(dict.fromkeys(app_bad)))
+    elif app_note:
+        report.add("append_stable", WARN,
+                   "earlier answers are re-rendered when turns are appended (e.g. their reasoning dropped, a different "
+                   f"closing token) ({', '.join(dict.fromkeys(app_note))} in the probes): each such answer trains in "
+                   "its own sequence, exactly as the model sees it at inference (more tokens per conversation; "
+                   "data.mask=last_assistant trains one)")
+    else:
+        report.add("append_stable", OK, "earlier turns render identically when turns are appended")
+
+    # ---- masks -----------------------------------------------------------------------------------------------------
+    empty, no_eot, wrong, notes = [], [], [], []
+    closers: list[str] = []
+    rendered_any = []
+    for conv in convs:
+        msgs, _ = template_messages(conv)
+        try:
+            seqs = renderer.render_examples(conv)
         except TemplatePrefixError as e:
             empty.append(f"masks cannot be derived: {e}")
             continue
         except TemplateError as e:
             empty.append(str(e))
             continue
-        rendered_any.append(r)
-        assistants = [m for m in conv if m["role"] == "assistant"]
-        if r.n_supervised == 0 or len(r.turn_spans) != len(assistants):
-            empty.append(f"{len(assistants)}-answer conversation has {r.n_supervised} supervised tokens")
-        for k, ((a, b), m) in enumerate(zip(r.turn_spans, assistants)):
-            if b <= a:
-                empty.append(f"answer {k} has no supervised tokens")
-                continue
-            if k in r.eot_missing or r.input_ids[b - len(renderer.eot_ids):b] != renderer.eot_ids:
-                no_eot.append(f"answer {k}: {renderer.end_of_turn!r} is not the last supervised token")
-            got = tokenizer.decode(r.input_ids[a:b], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            if got not in _expected_supervised(m["content"], renderer):
-                wrong.append(f"answer {k} supervises {got!r}, expected {m['content'] + renderer.end_of_turn!r}")
+        rendered_any.extend(seqs)
+        assistants = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        got = sorted(i for r in seqs for i in r.turn_messages)
+        if got != assistants or not all(r.n_supervised for r in seqs):
+            empty.append(f"{len(assistants)}-answer conversation has supervised turns {got} "
+                         f"({sum(r.n_supervised for r in seqs)} tokens)")
+        others = [m["content"] for m in msgs if m["role"] != "assistant" and len(m["content"]) > 3]
+        for r in seqs:
+            for k, ((a, b), i) in enumerate(zip(r.turn_spans, r.turn_messages)):
+                if b <= a:
+                    empty.append(f"answer {i} has no supervised tokens")
+                    continue
+                last = tokenizer.convert_ids_to_tokens(r.input_ids[b - 1])
+                closed = not (k in r.eot_missing or r.input_ids[b - 1] not in renderer._control_id_set)
+                if not closed:
+                    no_eot.append(f"answer {i}: {renderer.end_of_turn!r} is not the last supervised token (the answer "
+                                  f"ends {tokenizer.decode(r.input_ids[max(a, b - 3):b])!r}): the template writes no "
+                                  "end-of-turn token in it, so the model would not learn to stop")
+                elif last not in closers:
+                    closers.append(last)
+                got_text = tokenizer.decode(r.input_ids[a:b], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+                content = msgs[i]["content"]
+                found = next((v for v in (content, content.strip()) if v and v in got_text), None)
+                if not closed:
+                    wrong.append(f"answer {i} supervises {got_text!r}, expected {content + renderer.end_of_turn!r}")
+                elif content.strip() and found is None:
+                    wrong.append(f"answer {i} supervises {got_text!r}, which does not contain its content")
+                elif any(o in got_text for o in others):
+                    wrong.append(f"answer {i} supervises {got_text!r}, which includes another message's text")
+                elif found is not None and got_text != found + last:
+                    pre, post = got_text.split(found, 1)
+                    notes.append(f"{pre!r} before and {post[:-len(last)] if post.endswith(last) else post!r} after")
     report.add("mask_not_empty", FAIL if empty else OK,
-               "; ".join(empty) if empty else "every assistant turn has supervised tokens")
+               "; ".join(dict.fromkeys(empty)) if empty else "every assistant turn has supervised tokens")
     report.add("end_of_turn_supervised", FAIL if (no_eot or empty) else OK,
-               "; ".join(no_eot) if no_eot else ("masks could not be checked" if empty else
-                                                 f"{renderer.end_of_turn!r} closes every supervised turn"))
+               "; ".join(dict.fromkeys(no_eot)) if no_eot else ("masks could not be checked" if empty else
+                                                                 f"{' / '.join(map(repr, closers))} closes every "
+                                                                 "supervised turn"))
+    detail = "supervised tokens decode to exactly the answer + end-of-turn"
+    if notes:
+        detail = ("supervised tokens are the answer, the end-of-turn and template text the model writes itself at "
+                  "inference (" + "; ".join(dict.fromkeys(notes)) + ")")
     report.add("supervised_is_content", FAIL if (wrong or empty) else OK,
-               "; ".join(wrong) if wrong else ("masks could not be checked" if empty else
-                                               "supervised tokens decode to exactly the answer + end-of-turn"))
+               "; ".join(dict.fromkeys(wrong)) if wrong else ("masks could not be checked" if empty else detail))
 
     # ---- BOS ---------------------------------------------------------------------------------------------------------
+    bos_detail, bos_status = "", OK
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos_id is None:
         bos_status, bos_detail = OK, "the tokenizer has no BOS token"
@@ -209,8 +326,20 @@ def lint_template(tokenizer, template: Any = "auto") -> LintReport:
     # ---- injection ---------------------------------------------------------------------------------------------------
     report.add(*_check_injection(renderer, convs))
     report.checks.insert(0, Check("renders", OK, f"{len(convs)} probe conversations rendered with template "
-                                                 f"{tpl.name!r}, end-of-turn {renderer.end_of_turn!r}"))
+                                                 f"{tpl.name!r}, end-of-turn {renderer.end_of_turn!r}"
+                                  + "".join(f"; {n}" for n in render_notes)))
     return report
+
+
+def _like(conv, messages):
+    return _WithTools(messages, conv.tools) if isinstance(conv, _WithTools) else messages
+
+
+def _sub(conv, k: int):
+    """The first k messages of a probe, keeping its tools."""
+    if isinstance(conv, _WithTools):
+        return _WithTools(list(conv)[:k], conv.tools)
+    return conv[:k]
 
 
 def _check_injection(renderer: Renderer, convs) -> tuple[str, str, str]:
@@ -224,20 +353,30 @@ def _check_injection(renderer: Renderer, convs) -> tuple[str, str, str]:
     control_ids = {tokenizer.convert_tokens_to_ids(t) for t in renderer.control_tokens if t}
     control_ids.discard(None)
     control_ids.discard(getattr(tokenizer, "unk_token_id", None))
-    bad = []
+    bad, refused = [], []
     for conv in convs:
-        clean = [{**m, "content": "x y"} for m in conv]
-        dirty = [{**m, "content": attack} for m in conv]
+        clean = _like(conv, [{**m, "content": "x y" if m["content"] else ""} for m in conv])
+        dirty = _like(conv, [{**m, "content": attack if m["content"] else ""} for m in conv])
         try:
-            a, b = renderer.render(clean).input_ids, renderer.render(dirty).input_ids
+            a = renderer.render(clean).input_ids
         except TemplateError as e:
             return "no_injection", FAIL, f"could not render: {e}"
+        try:
+            b = renderer.render(dirty).input_ids
+        except TemplateError as e:
+            refused.append(str(e))
+            continue
         ca, cb = Counter(a), Counter(b)
         for cid in control_ids:
             if ca[cid] != cb[cid]:
                 bad.append(f"{tokenizer.convert_ids_to_tokens(cid)!r} typed in a message became a control token")
     if bad:
         return "no_injection", FAIL, "; ".join(dict.fromkeys(bad))
+    if refused:
+        return "no_injection", WARN, (
+            f"{len(spellings)} control-token spellings encode as plain text wherever the template keeps contents as "
+            "they are; it rewrites contents that spell some of them (" + refused[0][:160] + "), and such records are "
+            "refused, never mis-tokenised")
     return "no_injection", OK, f"{len(spellings)} control-token spellings in every role encode as plain text"
 
 

@@ -10,14 +10,24 @@ Every template, built-in or taken from a tokenizer ("auto"), is rendered in jinj
 with the same globals and whitespace settings as transformers' ``apply_chat_template`` (so renders agree byte for
 byte), never in a plain Environment: chat templates from model folders are untrusted code (llama-cpp-python
 CVE-2024-34359; RELIABILITY S2).
+
+Templates see what transformers' ``apply_chat_template`` gives them (``template_messages`` builds it from our
+Message / Conversation): messages as plain dicts in the OpenAI / Hugging Face shape with keys whose value is None left
+out, an assistant's ``tool_calls`` as ``[{"id", "type": "function", "function": {"name", "arguments": dict}}]``, its
+reasoning under ``reasoning_content`` and ``thinking`` (transformers' aliases), a tool result's ``tool_call_id`` /
+``name``; the conversation's function definitions as ``tools`` (None when it has none) and ``documents=None``; the
+tokenizer's special tokens (``bos_token``, ``eos_token``, ...) and any extra keyword (``enable_thinking``) as
+variables.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from importlib import resources
 from typing import Any, Sequence
 
 from instructkit.config import ConfigError
@@ -137,6 +147,24 @@ ALPACA = (
 )
 
 
+def _resource_template(name: str) -> str:
+    return resources.files("instructkit").joinpath("resources", "chat_templates", name).read_text(encoding="utf-8")
+
+
+# Qwen/Qwen3-* tokenizer_config.json "chat_template" (TRL 1.16.0 trl/chat_templates/qwen3.jinja, the current revision;
+# llama-cpp-python 0.3.36's Qwen-Qwen3-0.6B.jinja is the earlier one, equal for string contents). Reasoning is shown
+# only for assistant turns after the last user query, so earlier turns change when a turn is appended; the generation
+# prompt pre-fills an empty think block when enable_thinking=false. Tools as Hermes-style <tool_call> JSON.
+QWEN3 = _resource_template("qwen3.jinja")
+
+# meta-llama/Llama-3.1-8B-Instruct tokenizer_config.json "chat_template" (TRL 1.16.0 trl/chat_templates/llama3_1.jinja,
+# byte-identical to llama-cpp-python 0.3.36's meta-llama-Llama-3.1-8B-Instruct.jinja). Always writes a system header
+# (knowledge cutoff, date "26 Jul 2024" unless date_string is passed); tools go into the first user message; one tool
+# call per assistant turn, as JSON {"name", "parameters"} (the turn's content is not rendered); tool results as
+# role "ipython".
+LLAMA31 = _resource_template("llama3_1.jinja")
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """A Jinja chat template and what callers need to know about it."""
@@ -153,6 +181,9 @@ class ChatTemplate:
     """The `eos_token` the template uses; None: the tokenizer's."""
     special_tokens: tuple[str, ...] = ()
     """Control tokens the tokenizer must know as special tokens for this template (prepare_tokenizer adds them)."""
+    plain_tokens: tuple[str, ...] = ()
+    """Tags the family's tokenizer has as single, non-special added tokens (Qwen's <think>, <tool_call>):
+    prepare_tokenizer adds missing ones as such (user text spelling them is tokenised like the model's own)."""
     trims_content: bool = False
     """True when the template strips whitespace around message contents (`| trim`)."""
     roles: tuple[str, ...] = ("system", "user", "assistant")
@@ -187,6 +218,23 @@ BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
             trims_content=True, roles=("system", "user", "assistant", "tool"),
             description="Llama 3 / 3.x instruct (<|start_header_id|>role<|end_header_id|> ... <|eot_id|>)",
             official_source="meta-llama/Meta-Llama-3-8B-Instruct tokenizer_config.json (TRL 1.16.0 llama3.jinja)",
+        ),
+        ChatTemplate(
+            name="llama3.1", source=LLAMA31, end_of_turn="<|eot_id|>", bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
+            special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                            "<|eom_id|>", "<|python_tag|>"),
+            trims_content=True, roles=("system", "user", "assistant", "tool", "ipython"),
+            description="Llama 3.1 / 3.2 / 3.3 instruct with tool calls (JSON {name, parameters}; results as ipython)",
+            official_source="meta-llama/Llama-3.1-8B-Instruct tokenizer_config.json (TRL 1.16.0 llama3_1.jinja)",
+        ),
+        ChatTemplate(
+            name="qwen3", source=QWEN3, end_of_turn="<|im_end|>", special_tokens=("<|im_start|>", "<|im_end|>"),
+            plain_tokens=("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"),
+            roles=("system", "user", "assistant", "tool"),
+            description="Qwen3 (ChatML with <think> reasoning and <tool_call> tools; enable_thinking=false pre-fills an "
+                        "empty think block)",
+            official_source="Qwen/Qwen3-* tokenizer_config.json (TRL 1.16.0 qwen3.jinja)",
         ),
         ChatTemplate(
             name="chatml", source=CHATML, end_of_turn="<|im_end|>",
@@ -252,9 +300,77 @@ def get_template(template: "str | ChatTemplate" = "auto", tokenizer=None) -> Cha
     if template in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[template]
     if "{{" in template or "{%" in template:
+        for t in BUILTIN_TEMPLATES.values():  # a built-in's text (a .jinja file of it) gets its metadata
+            if t.source == template:
+                return t
         return ChatTemplate(name="custom", source=template)
     raise TemplateError(
         f"unknown template {template!r}: choose one of {', '.join(BUILTIN_TEMPLATES)}, 'auto', or Jinja source")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What templates see
+# --------------------------------------------------------------------------------------------------------------------
+
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+"""Names a message's reasoning goes by; templates read one of them (transformers fills the first two)."""
+
+
+def _arguments_value(arguments: Any) -> Any:
+    """Tool-call arguments for a template: a dict when they are JSON text of an object (what apply_chat_template
+    documents and templates expect: ``arguments | tojson``, ``arguments | items``), else as given."""
+    if isinstance(arguments, str):
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            return arguments
+        return value if isinstance(value, dict) else arguments
+    return arguments
+
+
+def _tool_call_dict(call: Any) -> dict[str, Any]:
+    """A ToolCall (name, arguments JSON, id) or an OpenAI-shape dict -> {"id"?, "type", "function": {name, arguments}}."""
+    if isinstance(call, dict):
+        fn = call.get("function", call)
+        name, arguments, call_id = fn.get("name"), fn.get("arguments", {}), call.get("id")
+    else:
+        name, arguments, call_id = call.name, call.arguments, getattr(call, "id", None)
+    out: dict[str, Any] = {}
+    if call_id is not None:
+        out["id"] = call_id
+    out["type"] = "function"
+    out["function"] = {"name": name, "arguments": _arguments_value(arguments)}
+    return out
+
+
+def message_dict(m: Any) -> dict[str, Any]:
+    """One message (our Message, or a dict in our JSONL / the OpenAI shape) as a template sees it.
+
+    Keys with no value are left out (apply_chat_template drops None values: templates test ``'tool_calls' in
+    message``); reasoning is given as ``thinking`` and ``reasoning_content`` (transformers' aliases); ``weight`` is ours
+    and never shown to the template."""
+    get = m.get if isinstance(m, dict) else (lambda k, d=None: getattr(m, k, d))
+    out: dict[str, Any] = {"role": get("role"), "content": get("content")}
+    if out["content"] is None:
+        out["content"] = ""
+    reasoning = next((get(k) for k in ("reasoning", "reasoning_content", "thinking") if get(k) is not None), None)
+    calls = get("tool_calls") or ()
+    if calls:
+        out["tool_calls"] = [_tool_call_dict(c) for c in calls]
+    for key in ("tool_call_id", "name"):
+        if get(key) is not None:
+            out[key] = get(key)
+    if reasoning is not None:
+        out = {"thinking": reasoning, **out, "reasoning_content": reasoning}
+    return out
+
+
+def template_messages(conversation: Any) -> tuple[list[dict[str, Any]], list[dict] | None]:
+    """(messages, tools) of a Conversation, a list of Message, or a list of dicts, as apply_chat_template passes
+    them to a template."""
+    messages = getattr(conversation, "messages", conversation)
+    tools = getattr(conversation, "tools", None)
+    return [message_dict(m) for m in messages], (list(tools) if tools else None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -296,12 +412,42 @@ def compile_template(source: str):
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
+    class TemplateDict:
+        # `dict(...)` without the class itself (its attributes are a way out of the sandbox), as in transformers
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        # namespaces refuse underscore-prefixed attributes (CPython internals), as in transformers
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"chat templates cannot store underscore-prefixed attributes ({name!r})")
+
+    from jinja2.exceptions import SecurityError
+
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
@@ -310,12 +456,14 @@ def compile_template(source: str):
 
 def render_text(
     template: ChatTemplate,
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[dict[str, Any]],
     *,
     add_generation_prompt: bool = False,
     variables: dict[str, Any] | None = None,
+    tools: list[dict] | None = None,
 ) -> str:
-    """Render messages (dicts with role and content) to text, in the sandbox.
+    """Render messages (dicts as ``template_messages`` makes them) to text, in the sandbox, as apply_chat_template
+    does: ``tools`` (None when there are none) and ``documents=None`` are always passed.
 
     Raises jinja2.exceptions.SecurityError for sandbox escapes (never caught here), TemplateError for the template's
     own `raise_exception` and other render errors.
@@ -326,7 +474,8 @@ def render_text(
     compiled = compile_template(template.source)
     try:
         return compiled.render(
-            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **(variables or {})
+            messages=[dict(m) for m in messages], tools=tools, documents=None,
+            add_generation_prompt=add_generation_prompt, **(variables or {})
         )
     except SecurityError:
         raise
@@ -374,6 +523,11 @@ def prepare_tokenizer(tokenizer, template: "str | ChatTemplate") -> int:
             [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in missing],
             special_tokens=True,
         )
+    vocab = tokenizer.get_vocab()
+    plain = [t for t in tpl.plain_tokens if t not in vocab]
+    if plain:
+        n_added += tokenizer.add_tokens(
+            [AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False) for t in plain])
     tokenizer.chat_template = tpl.source
     return n_added
 
@@ -395,16 +549,104 @@ FAMILY_TOKENS: dict[str, dict[str, Any]] = {
 }
 
 
+FAMILY_TOKENS["llama3.1"] = {**FAMILY_TOKENS["llama3"], "extra": FAMILY_TOKENS["llama3"]["extra"] + ["<|eom_id|>"]}
+FAMILY_TOKENS["qwen3"] = {**FAMILY_TOKENS["chatml"]}
+
+# Control-token spellings, as chat templates write them: <|im_end|>, <｜Assistant｜> (DeepSeek's full-width bars),
+# Gemma 4's <|turn> / <turn|>, Mistral's [INST] / [TOOL_CALLS], SentencePiece <s> </s> <bos> <eos>, Gemma's
+# <start_of_turn>, Cohere's <BOS_TOKEN>, ByteDance's <seed:eos>, MiniMax's ]~b] / [e~[. Tags such as <think>, <tools>
+# or <tool_call> are not among them: most tokenizers keep those as text or as non-special tokens.
+_CONTROL_RE = re.compile(
+    r"<\|[^<>|\s]{1,60}\|>|<｜[^<>｜\n]{1,60}｜>|<\|[A-Za-z_][\w.-]{0,40}>|<[A-Za-z_][\w.-]{0,40}\|>"
+    r"|\[/?[A-Z][A-Z_]{1,30}\]|</?s>|<(?:bos|eos|pad|unk|sep|cls|mask)>|<(?:start|end)_of_[a-z_]+>"
+    r"|<[A-Z][A-Z_]*_TOKEN>|<seed:[a-z_]+>|<end_of_sentence>|\]~!?b[\[\]]|\[e~\[|<SPECIAL_\d+>|〈\|[^〈〉|\s]{1,40}\|〉"
+    r"|</?(?:system|user|assistant|developer|tool)>"
+)
+_BOS_HINTS = ("begin_of_text", "bos", "begin▁of▁sentence", "BOS_TOKEN", "startoftext", "<s>", "seed:bos")
+_EOS_HINTS = ("end_of_text", "eos", "end▁of▁sentence", "endoftext", "</s>", "seed:eos", "EOS_TOKEN")
+
+
+def _template_literals(source: str) -> list[str]:
+    """Every literal string in a template: its text outside tags and its string constants."""
+    import jinja2
+    from jinja2 import nodes
+
+    try:
+        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(_strip_generation_tags(source))
+    except jinja2.TemplateSyntaxError:
+        return [source]
+    out = [n.data for n in ast.find_all(nodes.TemplateData)]
+    out += [n.value for n in ast.find_all(nodes.Const) if isinstance(n.value, str)]
+    return out
+
+
+def _strip_generation_tags(source: str) -> str:
+    return re.sub(r"\{%-?\s*(?:end)?generation\s*-?%\}", "", source)
+
+
+def template_control_tokens(template: "str | ChatTemplate") -> list[str]:
+    """Control-token spellings a template writes: in its literal text, and in a probe render (templates that build
+    them, '<|' + role + '|>'), in order of first appearance."""
+    tpl = get_template(template)
+    found: list[str] = []
+    texts = _template_literals(tpl.source)
+    sys_, user, answer = ({"role": r, "content": r[0].upper()} for r in ("system", "user", "assistant"))
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object",
+                                                                                          "properties": {}}}}]
+    for msgs, gen in (([sys_, user, answer], False), ([user, answer], False), ([user, answer, user], False),
+                      ([sys_, user], True), ([user], True)):
+        for tl in (None, tools):
+            try:
+                texts.append(render_text(tpl, msgs, add_generation_prompt=gen, tools=tl,
+                                         variables={"bos_token": "", "eos_token": ""}))
+            except Exception:  # noqa: BLE001 - probing only; a template may refuse a probe
+                pass
+    for text in texts:
+        for m in _CONTROL_RE.finditer(text):
+            if m.group() not in found and "{" not in m.group():  # '<｜hy_eos{}｜>'.format(...): the render has it
+                found.append(m.group())
+    return found
+
+
+def template_family_tokens(template: "str | ChatTemplate") -> dict[str, Any]:
+    """bos / eos / pad / control tokens for a stand-in tokenizer of any template, read off the template itself.
+
+    Control tokens: ``template_control_tokens``. bos: a BOS-like one among them (<|begin_of_text|>, <bos>, ...), else
+    "<s>" when the template writes ``bos_token``, else none. eos: an EOS-like one when the template writes
+    ``eos_token`` ("</s>" if none is), else the template's own end of turn (left to the renderer to derive), so that a
+    tokenizer's eos is what ends an answer, as in the real instruct tokenizers."""
+    tpl = get_template(template)
+    controls = template_control_tokens(tpl)
+    uses_bos = re.search(r"\bbos_token\b", tpl.source) is not None
+    uses_eos = re.search(r"\beos_token\b", tpl.source) is not None
+    bos = next((t for t in controls if any(h in t for h in _BOS_HINTS)), None)
+    if bos is None and uses_bos:
+        bos = "<s>"
+    eos = next((t for t in controls if any(h in t for h in _EOS_HINTS) and t != bos), None) if uses_eos else None
+    if eos is None and uses_eos:
+        eos = "</s>"
+    # not uses_eos: the stand-in's eos becomes the token the template closes answers with (standin_tokenizer), or
+    # "<|endoftext|>" when it closes them with none (the linter then reports that)
+    pad = "<pad>" if "<pad>" not in controls else "<|pad|>"
+    return {"bos": bos, "eos": eos, "pad": pad, "extra": [t for t in controls if t not in (bos, eos, pad)]}
+
+
 def standin_tokenizer(template: "str | ChatTemplate", vocab_size: int = 512):
-    """A byte-level BPE tokenizer with a built-in template's control tokens (bos/eos/pad as in the family's real
-    tokenizer) and that template as its chat_template. Any text encodes; trained in-process in well under a second."""
+    """A byte-level BPE tokenizer with a template's control tokens and that template as its chat_template. Any text
+    encodes; trained in-process in well under a second.
+
+    Built-in templates get their family's tokens (bos/eos/pad as in the family's real tokenizer); any other template
+    gets the tokens it writes itself (``template_family_tokens``), and, when it does not write ``eos_token``, the
+    token that closes its answers as eos (so the linter's verdict does not depend on a guessed family)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from instructkit.models.tiny import _CORPUS
 
     tpl = get_template(template)
-    fam = FAMILY_TOKENS.get(tpl.name, {"bos": None, "eos": None, "pad": None, "extra": []})
+    fam = FAMILY_TOKENS.get(tpl.name) if tpl.name in BUILTIN_TEMPLATES else None
+    if fam is None:
+        fam = template_family_tokens(tpl)
     specials: list[str] = []
     for t in [fam["bos"], fam["eos"], fam["pad"], *fam["extra"], *tpl.special_tokens]:
         if t and t not in specials:
@@ -418,5 +660,19 @@ def standin_tokenizer(template: "str | ChatTemplate", vocab_size: int = 512):
     tok.train_from_iterator(lines * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=fam["bos"], eos_token=fam["eos"],
                                    pad_token=fam["pad"], unk_token=None)
+    if tpl.plain_tokens:
+        from tokenizers import AddedToken
+
+        fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in tpl.plain_tokens])
     fast.chat_template = tpl.source
+    if fam["eos"] is None:
+        # the token that closes an answer, derived by rendering (what real instruct tokenizers have as eos)
+        from instructkit.chat.render import derive_end_of_turn
+
+        eot = derive_end_of_turn(tpl, fast) or derive_end_of_turn(tpl, fast, history=True)
+        if not eot:
+            from tokenizers import AddedToken
+
+            fast.add_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)], special_tokens=True)
+        fast.eos_token = eot or "<|endoftext|>"
     return fast

@@ -29,7 +29,10 @@ def register(subparsers) -> None:
     p_lint.add_argument("--template", default="auto",
                         help="built-in name, 'auto' (the tokenizer's own) or a .jinja file")
     p_lint.add_argument("--tokenizer", default=None,
-                        help="tokenizer folder (default: a stand-in tokenizer with the template's special tokens)")
+                        help="tokenizer folder (default: a stand-in tokenizer with the control tokens the template "
+                             "writes, and its end of turn)")
+    p_lint.add_argument("--kwargs", default=None, metavar="JSON",
+                        help='extra template variables, as data.chat_template_kwargs: \'{"enable_thinking": false}\'')
     p_lint.set_defaults(func=cmd_lint)
 
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -47,7 +50,7 @@ def _template_arg(value: str) -> str:
 
 def load_tokenizer_for(template_arg: str, tokenizer_path: str | None):
     """The tokenizer to use: the given folder, or the stand-in tokenizer of a built-in template."""
-    from instructkit.chat.templates import BUILTIN_TEMPLATES, TemplateError, standin_tokenizer
+    from instructkit.chat.templates import TemplateError, standin_tokenizer
 
     if tokenizer_path:
         from transformers import AutoTokenizer
@@ -56,11 +59,10 @@ def load_tokenizer_for(template_arg: str, tokenizer_path: str | None):
         if not path.exists():
             raise FileNotFoundError(f"tokenizer folder not found: {path}")
         return AutoTokenizer.from_pretrained(str(path))  # trust_remote_code stays off (S4)
-    if template_arg in BUILTIN_TEMPLATES:
-        return standin_tokenizer(template_arg)
     if template_arg == "auto":
         raise TemplateError("--template auto needs --tokenizer PATH (the tokenizer whose template to use)")
-    return standin_tokenizer("chatml")
+    # a built-in: its family's tokens; any other template: the control tokens and end of turn it writes itself
+    return standin_tokenizer(template_arg)
 
 
 def cmd_list(args) -> int:
@@ -143,8 +145,16 @@ def cmd_lint(args) -> int:
 
     template = _template_arg(args.template)
     try:
+        kwargs = json.loads(args.kwargs) if args.kwargs else None
+    except json.JSONDecodeError as e:
+        print(f"error: --kwargs is not JSON: {e.msg}", file=sys.stderr)
+        return 2
+    if kwargs is not None and not isinstance(kwargs, dict):
+        print("error: --kwargs must be a JSON object", file=sys.stderr)
+        return 2
+    try:
         tokenizer = load_tokenizer_for(template, args.tokenizer)
-        report = lint_template(tokenizer, template)
+        report = lint_template(tokenizer, template, template_kwargs=kwargs)
     except TemplateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
