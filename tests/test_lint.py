@@ -14,7 +14,16 @@ import sys
 
 import pytest
 
-from instructkit.chat.lint import CHECK_NAMES, FAIL, OK, WARN, _check_injection, lint_template, probe_conversations
+from instructkit.chat.lint import (
+    CHECK_NAMES,
+    FAIL,
+    OK,
+    WARN,
+    _check_injection,
+    format_report,
+    lint_template,
+    probe_conversations,
+)
 from instructkit.chat.render import Renderer
 from instructkit.chat.templates import BUILTIN_TEMPLATES, standin_tokenizer
 from instructkit.cli import main
@@ -241,3 +250,76 @@ def test_lint_real_gemma_tokenizer():
     tok = AutoTokenizer.from_pretrained(resolve_model("gemma-3-270m"))
     report = lint_template(tok, "gemma")
     assert report.ok, "\n".join(f"{c.name}: {c.status} {c.detail}" for c in report.checks)
+
+
+# ---- other projects' templates, no tokenizer: the stand-in reads its tokens off the template -------------------------
+
+from pathlib import Path  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official_templates"
+# (fixture, checks that fail, checks that warn); SOURCES.json names where each file comes from
+OTHER_TEMPLATES = [
+    ("llama_cpp_Qwen-QwQ-32B.jinja", set(), {"generation_prefix", "append_stable"}),
+    ("llama_cpp_openai-gpt-oss-120b.jinja", set(), {"append_stable"}),
+    ("llama_cpp_microsoft-Phi-3.5-mini-instruct.jinja", set(), set()),
+    ("deepseek_r1_distill_trl.jinja", set(), {"generation_prefix", "append_stable"}),
+    ("qwen3_0_6b_llama_cpp.jinja", set(), {"append_stable"}),
+    ("llama_cpp_GLM-4.6.jinja", {"end_of_turn_supervised", "supervised_is_content"}, {"append_stable"}),
+    ("llama_cpp_mistralai-Mistral-Nemo-Instruct-2407.jinja",
+     {"append_stable", "mask_not_empty", "end_of_turn_supervised", "supervised_is_content", "no_injection"}, set()),
+]
+
+
+@pytest.mark.parametrize("fname,fails,warns", OTHER_TEMPLATES, ids=[t[0] for t in OTHER_TEMPLATES])
+def test_other_projects_templates_get_the_documented_verdict(fname, fails, warns):
+    src = (FIXTURES / fname).read_text(encoding="utf-8")
+    report = lint_template(standin_tokenizer(src), src)
+    assert {c.name for c in report.checks if c.status == FAIL} == fails, format_report(report)
+    assert {c.name for c in report.checks if c.status == WARN} - {"pad_not_end_of_turn"} == warns, \
+        format_report(report)
+
+
+def test_stand_in_tokens_come_from_the_template():
+    from instructkit.chat.templates import template_family_tokens
+
+    phi = (FIXTURES / "llama_cpp_microsoft-Phi-3.5-mini-instruct.jinja").read_text(encoding="utf-8")
+    fam = template_family_tokens(phi)
+    assert {"<|user|>", "<|assistant|>", "<|end|>"} <= set(fam["extra"]) | {fam["eos"]}
+    r = Renderer(standin_tokenizer(phi), phi)
+    assert r.end_of_turn == "<|end|>"  # not ChatML's <|im_end|>: the template's own, written after every answer
+    gpt = (FIXTURES / "llama_cpp_openai-gpt-oss-120b.jinja").read_text(encoding="utf-8")
+    assert Renderer(standin_tokenizer(gpt), gpt).end_of_turn == "<|return|>"
+    glm = (FIXTURES / "llama_cpp_GLM-4.6.jinja").read_text(encoding="utf-8")
+    detail = lint_template(standin_tokenizer(glm), glm).get("end_of_turn_supervised").detail
+    assert "only when another message follows" in detail
+
+
+def test_cli_lint_other_template_files(capsys):
+    assert main(["template", "lint", "--template", str(FIXTURES / "llama_cpp_Qwen-QwQ-32B.jinja")]) == 0
+    assert "[warn] generation_prefix" in capsys.readouterr().out
+    assert main(["template", "lint", "--template", str(FIXTURES / "llama_cpp_GLM-4.6.jinja")]) == 1
+    assert main(["template", "lint", "--template", str(FIXTURES / "llama_cpp_Qwen-QwQ-32B.jinja"),
+                 "--kwargs", '{"enable_thinking": true}']) == 0
+    assert main(["template", "lint", "--template", "qwen3", "--kwargs", "[1]"]) == 2
+
+
+@pytest.mark.slow
+def test_llama_cpp_templates_match_the_table_in_docs():
+    """Every template llama.cpp ships gets the verdict docs/templates.md gives it. Needs the folder
+    vendor/llama.cpp/models/templates/ of the llama-cpp-python 0.3.36 sdist in INSTRUCTKIT_LLAMA_CPP_TEMPLATES."""
+    import os
+    import re
+
+    folder = os.environ.get("INSTRUCTKIT_LLAMA_CPP_TEMPLATES")
+    if not folder or not Path(folder).is_dir():
+        pytest.skip("set INSTRUCTKIT_LLAMA_CPP_TEMPLATES to llama-cpp-python 0.3.36's vendor/llama.cpp/models/templates")
+    table = (Path(__file__).parents[1] / "docs" / "templates.md").read_text(encoding="utf-8")
+    documented = dict(re.findall(r"^\| `([^`]+)` \| (pass \(warnings\)|pass|fail) \|", table, re.MULTILINE))
+    files = sorted(Path(folder).glob("*.jinja"))
+    assert len(files) == len(documented) == 70
+    for f in files:
+        src = f.read_text(encoding="utf-8")
+        report = lint_template(standin_tokenizer(src), src)
+        warned = any(c.status == WARN and c.name != "pad_not_end_of_turn" for c in report.checks)
+        got = "fail" if not report.ok else ("pass (warnings)" if warned else "pass")
+        assert got == documented[f.stem], (f.name, format_report(report))

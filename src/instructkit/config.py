@@ -215,6 +215,16 @@ class DataConfig:
     survives)."""
     mask: str = "all_assistant"
     """What is supervised: all_assistant (default), last_assistant, or all."""
+    reasoning: str = "train"
+    """Assistant reasoning (`reasoning_content`): "train" (supervised with its answer), "mask" (kept as context, not
+    supervised) or "drop" (removed before rendering: the template's answer-only form)."""
+    train_tool_calls: bool = True
+    """Train assistant turns that call tools (their calls included); false keeps them as context only. Tool results,
+    system and user messages are never trained; a message's `weight` 0 excludes it (1 trains it; fractional weights
+    are refused)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template, as apply_chat_template's keyword arguments: `{enable_thinking: false}`
+    for Qwen3's non-thinking mode."""
     skip_invalid: bool = False
     """Skip bad records (written with reasons to `rejects_path`) instead of stopping at the first one."""
     max_invalid_fraction: float = 0.0
@@ -306,6 +316,8 @@ class SFTConfig:
                               f"({self.data.max_length}) so any kept example fits in a packed row")
         if self.data.mask not in ("all_assistant", "last_assistant", "all"):
             raise ConfigError(f"data.mask must be all_assistant, last_assistant or all, got {self.data.mask!r}")
+        if self.data.reasoning not in ("train", "mask", "drop"):
+            raise ConfigError(f"data.reasoning must be train, mask or drop, got {self.data.reasoning!r}")
 
 
 @dataclass

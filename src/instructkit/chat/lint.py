@@ -264,6 +264,14 @@ def _lint(tokenizer, tpl, template_kwargs: dict | None) -> LintReport:
                     notes.append(f"{pre!r} before and {post[:-len(last)] if post.endswith(last) else post!r} after")
     report.add("mask_not_empty", FAIL if empty else OK,
                "; ".join(dict.fromkeys(empty)) if empty else "every assistant turn has supervised tokens")
+    if no_eot:
+        from instructkit.chat.render import derive_end_of_turn
+
+        later = derive_end_of_turn(tpl, tokenizer, renderer.variables, history=True)
+        if later and not derive_end_of_turn(tpl, tokenizer, renderer.variables):
+            no_eot.insert(0, f"the template writes {later!r} after an answer only when another message follows it, "
+                             "so the last answer of a conversation is never closed and the stop is never trained "
+                             "(a template that closes every answer is needed)")
     report.add("end_of_turn_supervised", FAIL if (no_eot or empty) else OK,
                "; ".join(dict.fromkeys(no_eot)) if no_eot else ("masks could not be checked" if empty else
                                                                  f"{' / '.join(map(repr, closers))} closes every "

@@ -67,11 +67,11 @@ def render_samples(conversations: list, tokenizer, cfg: SFTConfig) -> list[Sampl
     """chat/render.py decides the loss mask (assistant content plus end-of-turn token)."""
     from instructkit.chat.render import Renderer
 
-    renderer = Renderer(tokenizer, template=cfg.model.template)
+    renderer = Renderer.from_config(tokenizer, cfg.model.template, cfg.data)
     out = []
-    for conv in conversations:
-        r = renderer.render(conv, mask=cfg.data.mask)
-        out.append(Sample(list(r.input_ids), list(r.loss_mask)))
+    for conv in conversations:  # one sample per sequence: several when the template re-renders earlier turns
+        for r in renderer.render_examples(conv, mask=cfg.data.mask):
+            out.append(Sample(list(r.input_ids), list(r.loss_mask)))
     return out
 
 
