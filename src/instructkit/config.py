@@ -164,8 +164,8 @@ class ModelConfig:
     revision: str | None = None
     """Hub ids only: the branch, tag or commit to use (None: main)."""
     template: str = "auto"
-    """Chat template: "auto" (the tokenizer's own Jinja template) or a built-in name (llama3, chatml, gemma, mistral,
-    zephyr, alpaca). The template used is saved with the trained model."""
+    """Chat template: "auto" (the tokenizer's own Jinja template), a built-in name (llama3, llama3.1, qwen3, chatml,
+    gemma, mistral, zephyr, alpaca) or a .jinja file. The template used is saved with the trained model."""
     trust_remote_code: bool = False
     """Never on unless you set it (S4)."""
     dtype: str = "float32"

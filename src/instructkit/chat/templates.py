@@ -281,7 +281,8 @@ def tokenizer_template_source(tokenizer) -> str | None:
 
 
 def get_template(template: "str | ChatTemplate" = "auto", tokenizer=None) -> ChatTemplate:
-    """Resolve a template: a ChatTemplate, a built-in name, "auto" (the tokenizer's Jinja), or raw Jinja source."""
+    """Resolve a template: a ChatTemplate, a built-in name, "auto" (the tokenizer's Jinja), a .jinja file, or Jinja
+    source."""
     if isinstance(template, ChatTemplate):
         return template
     if not isinstance(template, str) or not template:
@@ -299,13 +300,21 @@ def get_template(template: "str | ChatTemplate" = "auto", tokenizer=None) -> Cha
         return ChatTemplate(name="auto", source=src)
     if template in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[template]
+    if template.endswith((".jinja", ".j2")) and "{" not in template:
+        from pathlib import Path
+
+        path = Path(template).expanduser()
+        if not path.is_file():
+            raise TemplateError(f"template file not found: {path}")
+        template = path.read_text(encoding="utf-8")
     if "{{" in template or "{%" in template:
         for t in BUILTIN_TEMPLATES.values():  # a built-in's text (a .jinja file of it) gets its metadata
             if t.source == template:
                 return t
         return ChatTemplate(name="custom", source=template)
     raise TemplateError(
-        f"unknown template {template!r}: choose one of {', '.join(BUILTIN_TEMPLATES)}, 'auto', or Jinja source")
+        f"unknown template {template!r}: choose one of {', '.join(BUILTIN_TEMPLATES)}, 'auto', a .jinja file, or Jinja "
+        "source")
 
 
 # --------------------------------------------------------------------------------------------------------------------
