@@ -612,9 +612,11 @@ class Renderer:
                 eot_missing.append(len(turn_spans))
             turn_spans.append((first, stop))
             if mask != "all":
-                for t in range(first, stop):
-                    if not any(a <= starts[t] < b for a, b in turn.unsupervised):
-                        loss_mask[t] = 1
+                loss_mask[first:stop] = [1] * (stop - first)
+                for a, b in turn.unsupervised:  # a masked reasoning block: context, not a target
+                    for t in range(bisect.bisect_left(starts, a, first, stop), bisect.bisect_left(starts, b, first,
+                                                                                                     stop)):
+                        loss_mask[t] = 0
         truncated = False
         if max_length is not None and len(ids) > max_length:
             ids, loss_mask, truncated = ids[:max_length], loss_mask[:max_length], True
@@ -833,6 +835,14 @@ class _Conv:
         if not text:
             self._layouts[key] = _Layout("")
             return self._layouts[key]
+        full = self._layouts.get((len(self.tm), False))
+        if full is not None and full.text.startswith(text):
+            # a prefix of the whole conversation's render (prefix-stable templates): its data lies where it lies there
+            n = len(text)
+            if not any(s < n < e for s, e, _, _ in full.spans):
+                self._layouts[key] = _Layout(text, [sp for sp in full.spans if sp[1] <= n and sp[0] < n
+                                                    or sp[0] == sp[1] == n])
+                return self._layouts[key]
         ph_text = render_text(self.r.chat_template, self.ph[:k], add_generation_prompt=gen,
                               variables=self.r.variables, tools=self.tools)
         parts = self.r._ph_re.split(ph_text)
