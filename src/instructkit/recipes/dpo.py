@@ -123,7 +123,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     policy, tok = load_model_and_tokenizer(model_cfg, cfg.lora)
     reference = Reference(cfg, policy, run_dir)
-    renderer = Renderer(tok, template=cfg.model.template)
+    renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
     pad_id = tok.pad_token_id
     avg = cfg.loss_type == "ipo"
 

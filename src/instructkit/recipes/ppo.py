@@ -131,7 +131,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     ac, reference, tok, rm, (rm_mean, rm_std) = build_models(cfg, run_dir)
     _no_dropout(ac)
     policy = ac.policy
-    renderer = Renderer(tok, template=cfg.model.template)
+    renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
     pad_id = tok.pad_token_id
     stop_ids = renderer.stop_token_ids
     reward_fn = load_reward_function(cfg.reward_function) if cfg.reward_function else None

@@ -227,7 +227,7 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
 
     # -- model (before the data: the tokenizer renders it)
     model, tok = build_model(cfg, run_dir)
-    renderer = Renderer(tok, template=cfg.model.template)
+    renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
     pad_id = tok.pad_token_id
 
     # -- data
