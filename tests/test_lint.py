@@ -312,7 +312,8 @@ def test_llama_cpp_templates_match_the_table_in_docs():
 
     folder = os.environ.get("INSTRUCTKIT_LLAMA_CPP_TEMPLATES")
     if not folder or not Path(folder).is_dir():
-        pytest.skip("set INSTRUCTKIT_LLAMA_CPP_TEMPLATES to llama-cpp-python 0.3.36's vendor/llama.cpp/models/templates")
+        pytest.skip("set INSTRUCTKIT_LLAMA_CPP_TEMPLATES to llama-cpp-python 0.3.36's "
+                    "vendor/llama.cpp/models/templates")
     table = (Path(__file__).parents[1] / "docs" / "templates.md").read_text(encoding="utf-8")
     documented = dict(re.findall(r"^\| `([^`]+)` \| (pass \(warnings\)|pass|fail) \|", table, re.MULTILINE))
     files = sorted(Path(folder).glob("*.jinja"))

@@ -235,7 +235,8 @@ def test_qwen3_reasoning_train_mask_drop():
     # last_assistant: one sequence, one answer
     seqs = Renderer(tok, "qwen3").render_examples(REASONING_CONV, mask="last_assistant")
     assert len(seqs) == 1
-    assert [t for _, t in supervised_runs(tok, seqs[0])] == ["<think>\nThree plus three is six.\n</think>\n\n6.<|im_end|>"]
+    assert [t for _, t in supervised_runs(tok, seqs[0])] == [
+        "<think>\nThree plus three is six.\n</think>\n\n6.<|im_end|>"]
 
 
 def test_qwen3_thinking_off():

@@ -26,8 +26,9 @@ This is the one place that decides what is supervised (STYLE 4, 5). How, and why
   (think tags, channel markers) or the alignment is refused (``TemplatePrefixError``: a training render that differs
   from the inference prompt). The sequence is P followed by Y without what X already wrote (so "<think></think>" is
   not doubled). If X leaves a reasoning block open that Y never closes (templates that strip reasoning from every
-  assistant turn: DeepSeek-R1-Distill, QwQ), the answer is written as those models write it: reasoning, "\\n</think>\\n\\n",
-  answer. A message with reasoning under a prompt that closes the block (thinking off) is refused, not trained wrong.
+  assistant turn: DeepSeek-R1-Distill, QwQ), the answer is written as those models write it: reasoning,
+  "\\n</think>\\n\\n", answer. A message with reasoning under a prompt that closes the block (thinking off) is
+  refused, not trained wrong.
 - **Options** (Renderer arguments, from DataConfig): ``reasoning`` = "train" (reasoning supervised with its answer),
   "mask" (kept in the sequence as context, not supervised: the reasoning block up to its closing tag) or "drop"
   (removed before rendering: the template's answer-only form); ``train_tool_calls`` (default True: an assistant turn
@@ -582,7 +583,7 @@ class Renderer:
                     "dropped from what the model is trained on")
 
     def _reasoning_block(self, seq: _Layout, i: int, start: int) -> list[tuple[int, int]]:
-        """[start, end of the reasoning block): the reasoning and the markup up to its closing tag (masked reasoning)."""
+        """[start, end of the reasoning block): the reasoning and the markup up to its closing tag (reasoning=mask)."""
         ends = [e for s, e, m, f in seq.spans if m == i and f == "reasoning" and s >= start]
         if not ends:
             return []
@@ -850,7 +851,8 @@ class _Conv:
         spans = _align(text, pieces, idxs, self.originals)
         if spans is None:
             raise TemplateError(
-                f"template {self.r.name!r} transforms message contents (or other message data) in a way the renderer cannot follow (it follows "
-                "strings used as-is, trimmed or JSON-escaped), so it cannot keep them from becoming control tokens")
+                f"template {self.r.name!r} transforms message contents (or other message data) in a way the renderer "
+                "cannot follow (it follows strings used as-is, trimmed or JSON-escaped), so it cannot keep them from "
+                "becoming control tokens")
         self._layouts[key] = _Layout(text, [(s, e, *self.owner[n]) for s, e, n in spans])
         return self._layouts[key]

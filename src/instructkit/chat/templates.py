@@ -232,7 +232,7 @@ BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
             name="qwen3", source=QWEN3, end_of_turn="<|im_end|>", special_tokens=("<|im_start|>", "<|im_end|>"),
             plain_tokens=("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"),
             roles=("system", "user", "assistant", "tool"),
-            description="Qwen3 (ChatML with <think> reasoning and <tool_call> tools; enable_thinking=false pre-fills an "
+            description="Qwen3 (ChatML, <think> reasoning, <tool_call> tools; enable_thinking=false pre-fills an "
                         "empty think block)",
             official_source="Qwen/Qwen3-* tokenizer_config.json (TRL 1.16.0 qwen3.jinja)",
         ),
@@ -338,7 +338,8 @@ def _arguments_value(arguments: Any) -> Any:
 
 
 def _tool_call_dict(call: Any) -> dict[str, Any]:
-    """A ToolCall (name, arguments JSON, id) or an OpenAI-shape dict -> {"id"?, "type", "function": {name, arguments}}."""
+    """A ToolCall (name, arguments JSON, id) or an OpenAI-shape dict -> {"id"?, "type", "function": {name,
+    arguments}}."""
     if isinstance(call, dict):
         fn = call.get("function", call)
         name, arguments, call_id = fn.get("name"), fn.get("arguments", {}), call.get("id")
@@ -568,7 +569,8 @@ FAMILY_TOKENS["qwen3"] = {**FAMILY_TOKENS["chatml"]}
 _CONTROL_RE = re.compile(
     r"<\|[^<>|\s]{1,60}\|>|<｜[^<>｜\n]{1,60}｜>|<\|[A-Za-z_][\w.-]{0,40}>|<[A-Za-z_][\w.-]{0,40}\|>"
     r"|\[/?[A-Z][A-Z_]{1,30}\]|</?s>|<(?:bos|eos|pad|unk|sep|cls|mask)>|<(?:start|end)_of_[a-z_]+>"
-    r"|<[A-Z][A-Z_]*_TOKEN>|<seed:[a-z_]+>|<end_of_sentence>|\]~!?b[\[\]]|\[e~\[|<SPECIAL_\d+>|〈\|[^〈〉|\s]{1,40}\|〉"
+    r"|<[A-Z][A-Z_]*_TOKEN>|<seed:[a-z_]+>|<end_of_sentence>|\]~!?b[\[\]]|\[e~\[|<SPECIAL_\d+>"
+    r"|〈\|[^〈〉|\s]{1,40}\|〉"
     r"|</?(?:system|user|assistant|developer|tool)>"
 )
 _BOS_HINTS = ("begin_of_text", "bos", "begin▁of▁sentence", "BOS_TOKEN", "startoftext", "<s>", "seed:bos")

@@ -68,10 +68,10 @@ def _not_cached(repo_id: str, revision: str | None, why: str) -> HubModelNotCach
     rev = f" at revision {revision!r}" if revision else ""
     return HubModelNotCached(
         f"model {repo_id!r}{rev} is no local folder or zoo model, and it is not in the Hugging Face cache "
-        f"({cache_root()}) while {why}. To fix it: download it "
-        f"on a machine with a network (`huggingface-cli download {repo_id}`{' --revision ' + revision if revision else ''}"
-        "), then copy that cache here or point HF_HOME (or HF_HUB_CACHE) at it; or, if this machine can reach the "
-        "Hub, unset HF_HUB_OFFLINE so it is downloaded"
+        f"({cache_root()}) while {why}. To fix it: download it on a machine with a network "
+        f"(`huggingface-cli download {repo_id}{' --revision ' + revision if revision else ''}`), then copy that "
+        "cache here or point HF_HOME (or HF_HUB_CACHE) at it; or, if this machine can reach the Hub, unset "
+        "HF_HUB_OFFLINE so it is downloaded"
     )
 
 
