@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tests run in fp32 on every CPU: `model.dtype: auto` would pick bf16 on a CPU with AMX (models/precision.py).
+# Subprocesses (the CLI tests) inherit it.
+os.environ.setdefault("INSTRUCTKIT_AUTO_DTYPE", "float32")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

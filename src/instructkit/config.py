@@ -168,8 +168,10 @@ class ModelConfig:
     gemma, mistral, zephyr, alpaca) or a .jinja file. The template used is saved with the trained model."""
     trust_remote_code: bool = False
     """Never on unless you set it (S4)."""
-    dtype: str = "float32"
-    """float32 on CPU (no bf16 units on these CPUs); bfloat16 only on a GPU."""
+    dtype: str = "auto"
+    """auto (bf16 on a CUDA GPU and on a CPU with AMX where a probe measures bf16 faster, else float32; the choice and
+    its reason go to summary.json), float32, or bfloat16 (mixed precision: trainable weights, optimizer state and the
+    loss stay fp32; models/precision.py)."""
 
 
 @dataclass
@@ -291,6 +293,9 @@ class TrainConfig:
     MLFLOW_TRACKING_URI is set). See training/tracking.py."""
     threads: int = 0
     """torch intra-op threads (0: leave torch's default)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them: less memory, one more body
+    forward per step (models/load.enable_activation_checkpointing)."""
 
 
 @dataclass

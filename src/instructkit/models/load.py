@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer for training: fp32 on CPU, pad token checked, LoRA / QLoRA through peft; merge.
+"""Load a causal LM and its tokenizer for training (dtype and device from models/precision.py), pad token checked,
+LoRA / QLoRA through peft; activation checkpointing that keeps the packed attention; merge.
 
 QLoRA on CPU: we measured (2026-11-23, bitsandbytes 0.50.2, peft 0.21, transformers 5.23) that bitsandbytes' CPU
 backend quantises the linear layers of a Llama to 4-bit NF4 (``Linear4bit``) and runs forward *and* backward on CPU with
@@ -112,17 +113,24 @@ def apply_lora(model, lora_cfg: LoRAConfig):
     return get_peft_model(model, peft_cfg)
 
 
-def load_model_and_tokenizer(model_cfg: ModelConfig, lora: LoRAConfig | None = None):
-    """(model, tokenizer) from a local folder or zoo name: fp32 on CPU (or ``model_cfg.dtype``), pad token distinct
-    from eos, chat template prepared, optional LoRA (and 4/8-bit frozen base for QLoRA)."""
+def load_model_and_tokenizer(model_cfg: ModelConfig, lora: LoRAConfig | None = None, precision=None):
+    """(model, tokenizer) from a local folder or zoo name, pad token distinct from eos, chat template prepared,
+    optional LoRA (and 4/8-bit frozen base for QLoRA).
+
+    Weights follow ``precision`` (models/precision.py; default: ``model.dtype`` resolved for the CPU): under mixed
+    precision the trainable weights load in fp32 (full fine-tuning: fp32 master weights, matmuls in bf16 under
+    autocast) and a frozen LoRA base in bf16, while peft keeps the adapter in fp32 (``autocast_adapter_dtype``). The
+    model is moved to ``precision.device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instructkit.models.precision import resolve_precision
 
     if not model_cfg.path:
         raise ConfigError("model.path is empty: give a local model folder or a zoo name")
     path = resolve_path(model_cfg.path, model_cfg.revision, model_cfg.trust_remote_code)
-    dtype = getattr(torch, model_cfg.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"model.dtype={model_cfg.dtype!r} is not a torch dtype")
+    if precision is None:
+        precision = resolve_precision(model_cfg.dtype, "cpu")
+    dtype = precision.weight_dtype(trainable=not (lora is not None and lora.enabled))
     trust = bool(model_cfg.trust_remote_code)  # S4: only when the user set it
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
@@ -133,6 +141,8 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, lora: LoRAConfig | None = N
         kwargs["quantization_config"] = _quantization_config(quantize)
         kwargs["device_map"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if precision.device.type != "cpu" and not quantize:
+        model.to(precision.device)
     ensure_pad_token(tokenizer, model)
     _prepare_template(tokenizer, model_cfg, model)
     if lora is not None and lora.enabled:
@@ -304,6 +314,61 @@ def _register_segment_attention() -> bool:
         except (ImportError, AttributeError, TypeError):
             _REGISTERED.append(False)
     return _REGISTERED[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+# ---------------------------------------------------------------------------------------------------------------------
+def enable_activation_checkpointing(model) -> int:
+    """Recompute each decoder layer's activations in backward instead of keeping them (``train.gradient_checkpointing``):
+    the saved activations drop from every intermediate of every layer to each layer's input, for one extra forward
+    of the body per step. Returns how many layers are checkpointed (a model without checkpointable layers is an error,
+    never a silent no-op).
+
+    Uses transformers' per-layer checkpointing (non-reentrant ``torch.utils.checkpoint``) with our own checkpoint
+    function, because the packed forward (``packed_hidden_states``) switches the attention implementation only while
+    it runs: the recomputation in backward happens after the switch is undone and would run plain causal attention
+    over the whole packed row (torch's checkpoint then fails on a different number of saved tensors, or worse, when
+    the counts happen to agree, computes other gradients). Our function records the attention implementation at
+    forward time and replays the recomputation under it, so per-sample attention, its segments and the dense masks
+    are recomputed exactly; the RNG state is restored as well (dropout draws the same masks)."""
+    from torch.utils.checkpoint import checkpoint
+
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, _, _ = causal_lm_parts(m)
+    config = body.config
+    enable = getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable
+    kwargs_name = ("activation_checkpointing_kwargs" if enable.__name__ == "activation_checkpointing_enable"
+                   else "gradient_checkpointing_kwargs")
+    import warnings
+
+    with warnings.catch_warnings():  # the deprecated alias warns on newer transformers
+        warnings.simplefilter("ignore", FutureWarning)
+        enable(**{kwargs_name: {"use_reentrant": False}})
+
+    def replaying_checkpoint(fn, *args, **kwargs):
+        impl = config._attn_implementation
+
+        def run(*a, **k):
+            saved = config._attn_implementation
+            config._attn_implementation = impl
+            try:
+                return fn(*a, **k)
+            finally:
+                config._attn_implementation = saved
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    n = 0
+    for module in m.modules():
+        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = replaying_checkpoint
+            n += isinstance(module, GradientCheckpointingLayer)
+    if n == 0:
+        raise ConfigError(f"train.gradient_checkpointing: {type(m).__name__} has no checkpointable layers")
+    return n
 
 
 # ---------------------------------------------------------------------------------------------------------------------
