@@ -78,6 +78,14 @@ class DistContext:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def grad_norm(self, params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """The global gradient norm, after clipping to ``max_norm`` (0: no clipping)."""
+        if max_norm and max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+        grads = [p.grad for p in params if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
+            else torch.tensor(0.0)
+
     def all_reduce_grads(self, params: Sequence[torch.nn.Parameter], bucket_numel: int = 1 << 24) -> None:
         """Sum gradients across ranks in flat buckets (a rank without a backward pass contributes zeros)."""
         if self.world_size <= 1:
@@ -205,17 +213,23 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
     model.train()
     loss_sum = 0.0
     bad = 0.0
-    for mb, n in zip(micro_batches, counts):
-        if n == 0:
-            continue  # nothing supervised: no forward, no gradient; counted in `empty`
+    # (batch, units, real); a micro-batch with nothing supervised gets no forward and no gradient (counted in
+    # `empty`), except under sharding (training/sharding.py), where every rank runs as many passes as the busiest one
+    lockstep = getattr(dist, "lockstep", False)
+    passes = [(mb, n, True) for mb, n in zip(micro_batches, counts) if n > 0 or lockstep]
+    if lockstep:
+        passes = dist.lockstep_passes(passes)
+    for mb, n, real in passes:
         sum_loss, n_units = loss_fn(model, mb)
-        if int(n_units) != n:
+        if real and int(n_units) != n:
             raise RuntimeError(f"loss_fn summed {int(n_units)} units but count_fn counted {n}")
         if not torch.isfinite(sum_loss.detach()).all():
             bad = 1.0
-            break
-        (sum_loss / total_units).backward()
-        loss_sum += float(sum_loss.detach().double().item())
+            if not lockstep:  # sharded ranks finish their passes (collectives), the step is refused below
+                break
+        (sum_loss / total_units if real else sum_loss * 0.0).backward()
+        if real:
+            loss_sum += float(sum_loss.detach().double().item())
     red = dist.all_reduce_sum(torch.tensor([loss_sum, bad, float(empty)], dtype=torch.float64))
     if red[1].item() > 0:
         optimizer.zero_grad(set_to_none=True)
@@ -223,11 +237,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
     dist.all_reduce_grads(params)
     updated = [p for p in params if p.grad is not None]
     grads = [p.grad for p in updated]
-    if max_grad_norm and max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=False)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
-            else torch.tensor(0.0)
+    grad_norm = dist.grad_norm(params, max_grad_norm)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(f"step {step}: non-finite gradient norm ({float(grad_norm)})")
@@ -250,9 +260,13 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Any], loss_fn: LossFn, di
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    for mb in batches:
+    passes = [(mb, 0, True) for mb in batches]
+    if getattr(dist, "lockstep", False):  # sharded: as many forwards as the busiest rank (fillers not counted)
+        passes = dist.lockstep_passes(passes)
+    for mb, _, real in passes:
         sum_loss, n = loss_fn(model, mb)
-        total += torch.tensor([float(sum_loss), float(n)], dtype=torch.float64)
+        if real:
+            total += torch.tensor([float(sum_loss), float(n)], dtype=torch.float64)
     model.train(was_training)
     dist.all_reduce_sum(total)
     if total[1] == 0:

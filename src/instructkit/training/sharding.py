@@ -1,0 +1,231 @@
+"""Sharded data parallelism through FSDP2 (``torch.distributed.fsdp.fully_shard``): ``train.sharding: fsdp2``.
+
+Each process keeps 1/world of every parameter, of its gradient and of its AdamW state (ZeRO-3); a decoder layer's
+full weights exist only while that layer runs (all-gathered just before its forward, and again before its backward,
+freed after). The data-parallel path (training/loop.py) replicates all of it in every process instead.
+
+How instructkit applies it (``shard_model``):
+- **Units**: every decoder layer is one FSDP unit; the root unit holds the rest (embeddings, final norm, output layer,
+  a value or score head), tied weights included (they stay in one unit).
+- **The root is ``ShardedModel``**, a thin module whose ``forward(fn, batch)`` runs a recipe's loss function on the
+  inner model. Why: recipes call the model *body* and apply the output layer only at supervised positions (the SFT
+  streaming loss, DPO's response-only log-probs), so the root's hooks, which gather the embeddings and the output
+  layer, must wrap the whole loss computation, not ``model.forward``. Inside it every parameter is a plain tensor, so
+  the per-sample packed attention and the fused/streaming output-layer losses run unchanged (tested: per-step losses
+  equal the unsharded run within 1e-5).
+- **Gradients are summed, not averaged**, across ranks (``set_gradient_divide_factor(1.0)``): each local loss is
+  already divided by the global unit count of the step (loop.optimizer_step), exactly as in the data-parallel path.
+  gloo has no PREMUL_SUM, so the reduction is forced to a plain SUM (``set_force_sum_reduction_for_comms``).
+- **Lockstep**: FSDP runs collectives inside forward and backward, so every rank must run the same number of passes.
+  A rank with fewer micro-batches in a step (the last step of an epoch, an empty micro-batch) runs a filler pass with
+  its loss scaled by 0, and a non-finite loss does not stop a rank early (the step is refused on every rank after).
+- **Generation** (samples, rollouts) runs inside ``gathered(root)``: all units are all-gathered once and stay
+  gathered, so a rank can generate alone, with no collective per token.
+- **Checkpoints and ``final/``** are written from full state dicts gathered to rank 0 (``full_state_dict``): the same
+  files as the unsharded path (``final/`` is a plain, unsharded model folder), and resume loads them with a broadcast
+  from rank 0. For very large models torch.distributed.checkpoint's sharded files scale better (each rank writes its
+  shard); that works on CPU too (measured with torch 2.13, gloo) but is not wired in.
+
+On CPU (torch 2.13, gloo, 2 processes) all of the above works: forward, backward, fused AdamW on the DTensor shards,
+gradient clipping, full and sharded state dicts, generation on one rank. Mixed precision: matmuls follow the run's
+autocast (models/precision.py); parameters are all-gathered in their stored dtype (fp32 master weights, a bf16 frozen
+base), so the numbers equal the unsharded path's.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import torch
+
+from instructkit.training.loop import DistContext
+
+log = logging.getLogger(__name__)
+
+SHARDING_CHOICES = ("none", "fsdp2")
+
+
+class ShardedModel(torch.nn.Module):
+    """The FSDP root: ``root(fn, *args)`` runs ``fn(inner_model, *args)`` inside the root unit's forward hooks."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, fn: Callable[..., Any], *args, **kwargs):
+        return fn(self.module, *args, **kwargs)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The inner model of a ShardedModel (anything else unchanged)."""
+    return model.module if isinstance(model, ShardedModel) else model
+
+
+def route(fn: Callable) -> Callable:
+    """A ``loss_fn(model, batch)`` that goes through the root when ``model`` is sharded (unchanged otherwise)."""
+
+    def routed(model, *args, **kwargs):
+        if isinstance(model, ShardedModel):
+            return model(fn, *args, **kwargs)
+        return fn(model, *args, **kwargs)
+
+    routed.__wrapped__ = fn
+    return routed
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one: transformers' decoder layers (GradientCheckpointingLayer), else the
+    modules of the body's ``layers`` list."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    except ImportError:
+        layers = []
+    if not layers:
+        for m in model.modules():
+            if isinstance(getattr(m, "layers", None), torch.nn.ModuleList):
+                layers = list(m.layers)
+                break
+    return layers
+
+
+class ShardedContext(DistContext):
+    """DistContext for FSDP2: gradients are reduced by FSDP (no all-reduce here), passes run in lockstep, and the
+    gradient norm is taken over the DTensor shards."""
+
+    lockstep = True
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__(rank=rank, world_size=world_size)
+        self._filler: Any = None
+
+    def all_reduce_grads(self, params) -> None:  # FSDP reduce-scattered them in backward
+        return None
+
+    def all_reduce_max(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def lockstep_passes(self, passes: list[tuple[Any, int, bool]]) -> list[tuple[Any, int, bool]]:
+        """Pad this rank's ``(batch, units, real)`` passes with fillers ``(batch, 0, False)`` up to the busiest rank's
+        count. A filler repeats one of this rank's batches (or the last one it saw) with its loss scaled by 0."""
+        if passes:
+            self._filler = passes[0][0]
+        n_max = self.all_reduce_max(len(passes))
+        if len(passes) < n_max:
+            if self._filler is None:
+                raise RuntimeError("sharded training: this rank has no micro-batch to keep in step with the others; "
+                                   "give each rank at least one micro-batch (rows >= processes x micro_batch_size)")
+            passes = passes + [(self._filler, 0, False)] * (n_max - len(passes))
+        return passes
+
+    def grad_norm(self, params, max_norm: float) -> torch.Tensor:
+        grads = [p.grad for p in params if p.grad is not None]
+        if max_norm and max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=False) if grads else torch.tensor(0.0)
+        full = getattr(norm, "full_tensor", None)
+        return full() if full is not None else norm
+
+
+def shard_model(model: torch.nn.Module, dist: DistContext, *, reshard_after_forward: bool = True) -> ShardedModel:
+    """Apply FSDP2 to ``model`` (already on its device): one unit per decoder layer, the rest in the root
+    ``ShardedModel``; gradients summed across ranks. Raises if the model has no decoder layers to shard."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("train.sharding=fsdp2 needs a process group (torchrun / accelerate launch, or "
+                           "sharding.init_single_process_group() for a world of one)")
+    layers = decoder_layers(model)
+    if not layers:
+        raise RuntimeError(f"train.sharding=fsdp2: found no decoder layers to shard in {type(model).__name__}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    root = ShardedModel(model)
+    fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    log.info("FSDP2: %d decoder layers sharded over %d processes", len(layers), dist.world_size)
+    return root
+
+
+def init_single_process_group() -> None:
+    """A gloo process group of one (no launcher): the sharded code path with one process, as the tests use it."""
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+
+@contextmanager
+def gathered(root: torch.nn.Module):
+    """All FSDP units all-gathered and kept so while inside (every rank must enter): a rank can then run forwards
+    alone (generation) with no collective. A non-sharded model passes through unchanged."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield unwrap(root)
+        return
+    for u in units:
+        u.set_reshard_after_forward(False, recurse=False)
+        u.unshard()
+    try:
+        yield unwrap(root)
+    finally:
+        for u in units:
+            u.reshard()
+            u.set_reshard_after_forward(True, recurse=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Full state dicts (checkpoints, final/)
+# ---------------------------------------------------------------------------------------------------------------------
+_PREFIX = "module."
+
+
+def full_state_dict(root: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The inner model's full (unsharded) state dict on CPU, on rank 0 (other ranks get {}); every rank must call it.
+    Keys are the inner model's own (as ``model.state_dict()``)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {n for n, p in unwrap(root).named_parameters() if p.requires_grad} if trainable_only else None
+    out = {}
+    for k, v in sd.items():
+        k = k[len(_PREFIX):] if k.startswith(_PREFIX) else k
+        if names is None or k in names:
+            out[k] = v
+    return out
+
+
+def full_optimizer_state_dict(root: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """The optimizer's full state dict (keyed by parameter name) on rank 0; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(root, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(root: torch.nn.Module, optimizer, model_state: dict[str, torch.Tensor] | None,
+                    optimizer_state: dict[str, Any] | None) -> None:
+    """Load full state dicts read on rank 0 into the shards of every rank (broadcast from rank 0; other ranks pass
+    anything, e.g. {}). ``model_state`` may hold the trainable parameters only (keys of the inner model)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True, strict=False)
+    if model_state is not None:
+        set_model_state_dict(root, {_PREFIX + k: v for k, v in model_state.items()}, options=opts)
+    if optimizer_state is not None:
+        set_optimizer_state_dict(root, optimizer, optimizer_state, options=opts)
