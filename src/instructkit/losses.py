@@ -277,21 +277,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     peak."""
 
     @staticmethod
-    def forward(ctx, h, weight, target, logit_softcap, chunk_rows):
+    def forward(ctx, h, weight, target, logit_softcap, chunk_rows, compute_dtype=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if need_h and not need_w and not logit_softcap and h.dtype in (torch.float32, torch.float64) \
-                and weight.dtype == h.dtype:  # a frozen head (LoRA): one streaming pass over W
-            loss, grad_h = _streaming_ce_and_input_grad(h, weight, target)
-            ctx.save_for_backward(grad_h, None)
+        hw, ww = h, weight  # what the matmuls see: under autocast (compute_dtype) both cast once, as autocast would
+        if compute_dtype is not None and (h.dtype != compute_dtype or weight.dtype != compute_dtype):
+            hw, ww = h.to(compute_dtype), weight.to(compute_dtype)
+        if need_h and not need_w and not logit_softcap and hw.dtype in (torch.float32, torch.float64) \
+                and ww.dtype == hw.dtype:  # a frozen head (LoRA): one streaming pass over W
+            loss, grad_h = _streaming_ce_and_input_grad(hw, ww, target)
+            ctx.save_for_backward(grad_h.to(h.dtype), None)
             ctx.used = False
             return loss
         grad_h = torch.zeros_like(h) if need_h else None  # (N, H)
-        grad_w = torch.zeros_like(weight) if need_w else None  # (V, H)
+        grad_w = torch.zeros_like(weight) if need_w else None  # (V, H), fp32 for fp32 master weights: summed in fp32
         loss = None
-        work = _logits_workspace(min(chunk_rows, h.shape[0]), weight.shape[0], weight.dtype, weight.device)
+        work = _logits_workspace(min(chunk_rows, h.shape[0]), ww.shape[0], ww.dtype, ww.device)
         for s in range(0, h.shape[0], chunk_rows):
-            hc, tc = h[s:s + chunk_rows], target[s:s + chunk_rows]  # (n, H), (n,)
-            z = torch.mm(hc, weight.t(), out=work[:hc.shape[0]])  # (n, V): the output layer's F.linear, bit for bit
+            hc, tc = hw[s:s + chunk_rows], target[s:s + chunk_rows]  # (n, H), (n,)
+            z = torch.mm(hc, ww.t(), out=work[:hc.shape[0]])  # (n, V): the output layer's F.linear, bit for bit
             th = None
             if logit_softcap:
                 th = torch.tanh(z / logit_softcap)
@@ -307,11 +310,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0  # dL/dz = softmax - onehot
                 if th is not None:
                     g.mul_(1.0 - th * th)  # d(c tanh(z / c))/dz
-                g = g.to(weight.dtype)
+                g = g.to(ww.dtype)
                 if need_h:
-                    torch.mm(g, weight, out=grad_h[s:s + chunk_rows])
+                    if grad_h.dtype == ww.dtype:
+                        torch.mm(g, ww, out=grad_h[s:s + chunk_rows])
+                    else:
+                        grad_h[s:s + chunk_rows] = torch.mm(g, ww)
                 if need_w:
-                    grad_w.addmm_(g.t(), hc)
+                    if grad_w.dtype == ww.dtype:
+                        grad_w.addmm_(g.t(), hc)
+                    else:  # a bf16 product per chunk, the sum over chunks in the weight's fp32
+                        grad_w += torch.mm(g.t(), hc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.used = False
         return loss
@@ -323,7 +332,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.used = True
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h.mul_(grad_out) if grad_h is not None else None,
-                grad_w.mul_(grad_out) if grad_w is not None else None, None, None, None)
+                grad_w.mul_(grad_out) if grad_w is not None else None, None, None, None, None)
 
 
 STREAM_BLOCK = 4096  # vocabulary rows per block of the streaming pass
@@ -425,4 +434,11 @@ def sft_loss_fused(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
         return hidden.sum() * 0.0, n_tokens
     if chunk_rows is None:
         chunk_rows = max(1, SFT_FUSED_CHUNK_BYTES // (4 * weight.shape[0]))
+    # mixed precision (models/precision.py): under autocast the matmuls run in its dtype (bf16), the log-softmax, the
+    # loss and the weight gradient's sum over chunks in fp32; autocast itself is off inside (it would mix dtypes)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _FusedLinearCrossEntropy.apply(h, weight, target, logit_softcap, chunk_rows,
+                                                  torch.get_autocast_dtype(device_type)), n_tokens
     return _FusedLinearCrossEntropy.apply(h, weight, target, logit_softcap, chunk_rows), n_tokens
