@@ -113,3 +113,37 @@ def test_sharding_needs_a_process_group_and_layers():
         pytest.skip("a process group is already up")
     with pytest.raises(RuntimeError, match="process group"):
         sharding.shard_model(torch.nn.Linear(2, 2), loop.DistContext())
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_final_folder_of_a_sharded_model_is_a_full_model(world_of_one, tiny_model_dir, tmp_path, lora):
+    """save_full_model writes what save_model writes for the unsharded model: a plain transformers folder (or a peft
+    adapter folder) that loads to identical logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instructkit.config import LoRAConfig, ModelConfig
+    from instructkit.models.load import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LoRAConfig(enabled=True, r=4, alpha=8, dropout=0.0) if lora else None
+    model, tok = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir)), cfg)
+    if lora:
+        with torch.no_grad():  # a non-zero adapter, so the check sees it
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    ids = torch.randint(5, 500, (1, 8))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    root = sharding.shard_model(model, world_of_one)
+    out = sharding.save_full_model(root, tok, tmp_path / "final", is_main=True)
+    if lora:
+        from peft import PeftModel
+
+        assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+        back = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    else:
+        back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(input_ids=ids).logits, want)

@@ -229,3 +229,19 @@ def load_full_state(root: torch.nn.Module, optimizer, model_state: dict[str, tor
         set_model_state_dict(root, {_PREFIX + k: v for k, v in model_state.items()}, options=opts)
     if optimizer_state is not None:
         set_optimizer_state_dict(root, optimizer, optimizer_state, options=opts)
+
+
+def save_full_model(root: torch.nn.Module, tokenizer, out_dir, is_main: bool):
+    """``final/`` of a sharded run: the full weights gathered on rank 0 and written as a plain Hugging Face folder (or a
+    peft adapter folder), exactly what the unsharded path writes. Every rank must call it."""
+    from pathlib import Path
+
+    state = full_state_dict(root)
+    out = Path(out_dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        unwrap(root).save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
