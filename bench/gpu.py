@@ -261,7 +261,8 @@ def _summary(spec: dict, ends: list[float], t0: float, losses, tokens, units, **
     timed = ends[-1] - ends[w - 1] if w > 0 else ends[-1] - t0
     tok = sum(tokens[w:])
     out = {"side": spec["side"], "shape": spec["shape"], "mode": spec["mode"], "steps_timed": len(ends) - w,
-           "seconds_timed": round(timed, 4), "tokens_per_s": tok / timed, "supervised_tokens_per_s": sum(units[w:]) / timed,
+           "seconds_timed": round(timed, 4), "tokens_per_s": tok / timed,
+           "supervised_tokens_per_s": sum(units[w:]) / timed,
            "first_loss": losses[0] if losses else None, "losses": losses, **extra}
     if spec["device"].startswith("cuda"):
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -420,7 +421,8 @@ def _dpo_summary(spec: dict, ends, t0, losses) -> dict:
 
     w = spec["warmup"]
     timed = ends[-1] - ends[w - 1]
-    out = {"side": spec["side"], "shape": spec["shape"], "pairs_per_s": spec["pairs_per_step"] * (len(ends) - w) / timed,
+    out = {"side": spec["side"], "shape": spec["shape"],
+           "pairs_per_s": spec["pairs_per_step"] * (len(ends) - w) / timed,
            "seconds_timed": round(timed, 4), "first_loss": losses[0] if losses else None, "losses": losses}
     if spec["device"].startswith("cuda"):
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -509,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             env[mod] = __import__(mod).__version__
         except ImportError:
             env[mod] = None
-    results: dict = {"env": env, "command": "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    command = "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: dict = {"env": env, "command": command,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sft": {}, "dpo": None}
     for shape in shapes:
         plan = SFT_PLAN[shape]

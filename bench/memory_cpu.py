@@ -97,7 +97,8 @@ def child(args) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in sharding.unwrap(model).parameters())
     out = {"rank": dist.rank, "world_size": dist.world_size, "peak_rss_mib": round(peak, 1),
-           "rss_after_model_mib": round(after_model, 1), "losses": losses, "step_seconds": [round(s, 2) for s in seconds],
+           "rss_after_model_mib": round(after_model, 1), "losses": losses,
+           "step_seconds": [round(s, 2) for s in seconds],
            "parameters": params}
     Path(args.result_dir, f"rank{dist.rank}.json").write_text(json.dumps(out))
     if args.sharding:

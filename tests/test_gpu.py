@@ -115,7 +115,8 @@ def test_sft_lora_bf16_base_frozen_adapter_fp32(tiny_model_dir):
                                           LoRAConfig(enabled=True, r=8, alpha=16, dropout=0.0), precision=_precision())
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert all(p.dtype == torch.bfloat16 for p in base.values()) and all(p.dtype == torch.float32 for p in lora.values())
+    assert all(p.dtype == torch.bfloat16 for p in base.values())
+    assert all(p.dtype == torch.float32 for p in lora.values())
     losses = _train(model, _sft_batches(tok), _precision(), steps=12, lr=1e-2)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     now = dict(model.named_parameters())

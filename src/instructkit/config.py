@@ -296,6 +296,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them: less memory, one more body
     forward per step (models/load.enable_activation_checkpointing)."""
+    sharding: str = "none"
+    """none (every process holds the whole model: data parallel) or fsdp2 (parameters, gradients and optimizer state
+    sharded across processes by torch's FSDP2; training/sharding.py, docs/distributed.md)."""
 
 
 @dataclass

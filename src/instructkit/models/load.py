@@ -320,8 +320,8 @@ def _register_segment_attention() -> bool:
 # Activation checkpointing
 # ---------------------------------------------------------------------------------------------------------------------
 def enable_activation_checkpointing(model) -> int:
-    """Recompute each decoder layer's activations in backward instead of keeping them (``train.gradient_checkpointing``):
-    the saved activations drop from every intermediate of every layer to each layer's input, for one extra forward
+    """Recompute each decoder layer's activations in backward instead of keeping them
+    (``train.gradient_checkpointing``): the saved activations drop from every intermediate of every layer to each layer's input, for one extra forward
     of the body per step. Returns how many layers are checkpointed (a model without checkpointable layers is an error,
     never a silent no-op).
 

@@ -114,6 +114,9 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     # -- config
     from instructkit.training.loop import start_run
 
+    from instructkit.training.sharding import refuse_unwired
+
+    refuse_unwired(cfg.train, "dpo")  # sharding and activation checkpointing: SFT only so far
     run_dir = start_run(cfg, cfg.train)
 
     # -- model and reference

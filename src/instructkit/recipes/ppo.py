@@ -123,6 +123,9 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     # -- config
     from instructkit.training.loop import start_run
 
+    from instructkit.training.sharding import refuse_unwired
+
+    refuse_unwired(cfg.train, "ppo")  # sharding and activation checkpointing: SFT only so far
     run_dir = start_run(cfg, cfg.train)
     if cfg.temperature <= 0:
         raise ConfigError("PPO samples: temperature must be > 0")

@@ -223,6 +223,9 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
     # -- config
     from instructkit.training.loop import start_run
 
+    from instructkit.training.sharding import refuse_unwired
+
+    refuse_unwired(cfg.train, "reward-model")  # sharding and activation checkpointing: SFT only so far
     run_dir = start_run(cfg, cfg.train)
 
     # -- model (before the data: the tokenizer renders it)

@@ -132,11 +132,13 @@ def write_samples(model, tokenizer, cfg: SFTConfig, run_dir: Path, step: int) ->
 # ---------------------------------------------------------------------------------------------------------------------
 def main(cfg: SFTConfig) -> dict:
     from instructkit.models.load import load_model_and_tokenizer, save_model
+    from instructkit.models.precision import log_precision, resolve_precision
     from instructkit.training import checkpoint as ckpt
-    from instructkit.training import loop
+    from instructkit.training import loop, sharding
 
     # -- config ---------------------------------------------------------------------------------------------------------
-    dist = loop.DistContext.from_accelerate()
+    precision = resolve_precision(cfg.model.dtype)
+    dist = loop.DistContext.from_accelerate(cpu=precision.device.type == "cpu")
     run_dir = loop.start_run(cfg, cfg.train, dist.is_main)
     config_dict = json.loads(json.dumps(to_dict(cfg), default=str))
 
@@ -153,8 +155,17 @@ def main(cfg: SFTConfig) -> dict:
     else:
         model_cfg = cfg.model
     torch.manual_seed(cfg.train.seed)  # model-side randomness (LoRA init, dropout); data order has its own seed
-    model, tokenizer = load_model_and_tokenizer(model_cfg, cfg.lora)
+    log_precision(precision)
+    model, tokenizer = load_model_and_tokenizer(model_cfg, cfg.lora, precision=precision)
     model.train()
+    model, dist = sharding.prepare_training(model, cfg.train, dist)  # activation checkpointing, FSDP2
+
+    def train_loss(m, batch):
+        batch = {k: v.to(precision.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with precision.autocast():
+            return sft_batch_loss(m, batch)
+
+    train_loss = sharding.route(train_loss)
 
     # -- render and pack ------------------------------------------------------------------------------------------------
     train_samples, train_stats = prepare_samples(render_samples(train_convs, tokenizer, cfg), cfg.data.max_length)
@@ -196,7 +207,8 @@ def main(cfg: SFTConfig) -> dict:
                                        f"match step {step} ({plan.position(step)})")
 
     resume_from, state = ckpt.resume_run(ckpt_root, cfg.train.resume, model, optimizer, scheduler, metrics,
-                                         rank=dist.rank, config=config_dict, check=same_data)
+                                         rank=dist.rank, config=config_dict, check=same_data,
+                                         load_state=sharding.state_loader(model, optimizer))
     if resume_from is not None:
         start = int(state["step"])
         counters = loop.LoopCounters(**state["counters"])
@@ -210,12 +222,13 @@ def main(cfg: SFTConfig) -> dict:
         ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
                              {"epoch": epoch, "index": index, "counters": counters.as_dict(),
                               "data_fingerprint": fingerprint, "total_steps": total_steps},
-                             config_dict, keep=cfg.train.keep_checkpoints, dist=dist)
+                             config_dict, keep=cfg.train.keep_checkpoints, dist=dist,
+                             **sharding.checkpoint_states(model, optimizer))
 
     def validate(step: int) -> float | None:
         if not val_rows:
             return None
-        val_loss, n = loop.evaluate(model, val_batches, sft_batch_loss, dist)
+        val_loss, n = loop.evaluate(model, val_batches, train_loss, dist)
         metrics.log({"step": step, "val_loss": val_loss, "val_supervised_tokens": n})
         return val_loss
 
@@ -224,7 +237,7 @@ def main(cfg: SFTConfig) -> dict:
     t_start = time.perf_counter()
     val_loss = None
     for step in range(start, total_steps):
-        res = loop.optimizer_step(model, optimizer, scheduler, micro_batches(step), sft_batch_loss, count_supervised,
+        res = loop.optimizer_step(model, optimizer, scheduler, micro_batches(step), train_loss, count_supervised,
                                   max_grad_norm=cfg.train.max_grad_norm, dist=dist, token_fn=count_tokens, step=step)
         done = step + 1
         counters.units += res.units
@@ -238,8 +251,10 @@ def main(cfg: SFTConfig) -> dict:
                         tok_s=f"{res.tokens / max(res.seconds, 1e-9):.0f}")
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total_steps:
             val_loss = validate(done)
-        if cfg.train.sample_every and done % cfg.train.sample_every == 0 and dist.is_main:
-            write_samples(model, tokenizer, cfg, run_dir, done)
+        if cfg.train.sample_every and done % cfg.train.sample_every == 0:
+            with sharding.gathered(model) as inner:  # every rank: a sharded model is gathered for generation
+                if dist.is_main:
+                    write_samples(inner, tokenizer, cfg, run_dir, done)
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
             save(done)
     bar.close()
@@ -249,10 +264,15 @@ def main(cfg: SFTConfig) -> dict:
     val_loss = validate(total_steps)
     if start < total_steps:
         save(total_steps)
-    if dist.is_main:
-        if not (cfg.train.sample_every and total_steps % cfg.train.sample_every == 0 and start < total_steps):
-            write_samples(model, tokenizer, cfg, run_dir, total_steps)
+    if not (cfg.train.sample_every and total_steps % cfg.train.sample_every == 0 and start < total_steps):
+        with sharding.gathered(model) as inner:
+            if dist.is_main:
+                write_samples(inner, tokenizer, cfg, run_dir, total_steps)
+    if sharding.is_sharded(model):  # full weights gathered on rank 0: the same plain folder
+        sharding.save_full_model(model, tokenizer, run_dir / "final", dist.is_main)
+    elif dist.is_main:
         save_model(model, tokenizer, run_dir / "final")
+    if dist.is_main:
         save_config(cfg, run_dir / "final" / "instructkit_config.yaml")
     metrics.close()
 
@@ -265,7 +285,8 @@ def main(cfg: SFTConfig) -> dict:
         "val_loss": val_loss, "train_rows": len(rows), "train_examples": len(train_samples),
         "data": {"train": train_stats.as_dict(), "validation": val_stats.as_dict()},
         "counters": counters.as_dict(), "seconds": round(elapsed, 2),
-        "final": str(run_dir / "final"), "adapter": bool(cfg.lora.enabled),
+        "final": str(run_dir / "final"), "adapter": bool(cfg.lora.enabled), "precision": precision.as_dict(),
+        "sharding": cfg.train.sharding, "gradient_checkpointing": cfg.train.gradient_checkpointing,
     }
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -111,10 +111,13 @@ def safe_torch_load(path: Path) -> Any:
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, optimizer, scheduler,
                     state: dict[str, Any], config: dict[str, Any], *, keep: int = 2, dist=None,
-                    extra_files: dict[str, str] | None = None) -> Path:
+                    extra_files: dict[str, str] | None = None, model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Atomically write checkpoint ``step-<step>`` and point ``latest`` at it; keep the newest ``keep`` checkpoints.
 
-    With several processes every rank must call this (each writes its own RNG state); rank 0 writes the rest."""
+    With several processes every rank must call this (each writes its own RNG state); rank 0 writes the rest.
+    ``model_state`` / ``optimizer_state``: the trainable weights and optimizer state to write instead of reading
+    them from ``model`` / ``optimizer`` (a sharded run gathers them first: training/sharding.py)."""
     from safetensors.torch import save_file
     import yaml
 
@@ -136,8 +139,9 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, op
     (tmp / f"rng_rank{rank}.json").write_text(json.dumps(js))
     written += [tmp / f"rng_rank{rank}.pt", tmp / f"rng_rank{rank}.json"]
     if rank == 0:
-        save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        weights = trainable_state_dict(model) if model_state is None else model_state
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": world}, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
@@ -232,9 +236,11 @@ def check_drift(saved: dict[str, Any], current: dict[str, Any], safe: frozenset[
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, scheduler, *, rank: int = 0,
-                    config: dict[str, Any] | None = None) -> dict[str, Any]:
+                    config: dict[str, Any] | None = None,
+                    load_state: Callable[[dict, dict], None] | None = None) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG states; return state.json. With ``config``, first
-    refuse a drifted config."""
+    refuse a drifted config. ``load_state(weights, optimizer_state)`` loads the saved trainable weights and optimizer
+    state instead of ``model`` / ``optimizer`` doing it (a sharded run scatters them: training/sharding.py)."""
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -250,8 +256,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, schedul
         raise CheckpointError(f"{p} has no RNG state for rank {rank} (saved with world size {state.get('world_size')})")
     rng_t = safe_torch_load(rng_file)
     rng_j = json.loads((p / f"rng_rank{rank}.json").read_text())
-    load_trainable_state_dict(model, load_file(str(p / "trainable.safetensors")))
-    optimizer.load_state_dict(opt_state)
+    if load_state is not None:
+        load_state(load_file(str(p / "trainable.safetensors")), opt_state)
+    else:
+        load_trainable_state_dict(model, load_file(str(p / "trainable.safetensors")))
+        optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(sched_state)
     set_rng_state(rng_t, rng_j)
     return state
@@ -259,7 +268,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, schedul
 
 def resume_run(ckpt_root: str | Path, resume: str, model: torch.nn.Module, optimizer, scheduler, logger, *,
                rank: int = 0, config: dict[str, Any] | None = None,
-               check: Callable[[Path, dict[str, Any]], None] | None = None) -> tuple[Path | None, dict[str, Any]]:
+               check: Callable[[Path, dict[str, Any]], None] | None = None,
+               load_state: Callable[[dict, dict], None] | None = None) -> tuple[Path | None, dict[str, Any]]:
     """The resume step every recipe shares: find the checkpoint ``resume`` names (find_resume), restore it
     (load_checkpoint, refusing a drifted config) and cut the metrics log after its step, so a resumed run's
     metrics.jsonl reads as one uninterrupted run. Returns (checkpoint folder, its state.json), or (None, {}) for a
@@ -268,7 +278,7 @@ def resume_run(ckpt_root: str | Path, resume: str, model: torch.nn.Module, optim
     path = find_resume(ckpt_root, resume)
     if path is None:
         return None, {}
-    state = load_checkpoint(path, model, optimizer, scheduler, rank=rank, config=config)
+    state = load_checkpoint(path, model, optimizer, scheduler, rank=rank, config=config, load_state=load_state)
     if check is not None:
         check(path, state)
     logger.truncate_after(int(state["step"]))

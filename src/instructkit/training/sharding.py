@@ -180,6 +180,10 @@ def gathered(root: torch.nn.Module):
     for u in units:
         u.set_reshard_after_forward(False, recurse=False)
         u.unshard()
+    # the gathered weights are refilled in place: bump their version counters, so caches keyed on them (the decode
+    # step's weight copies, generation/fast_decode.py) see the weights of this step, never those of an earlier gather
+    with torch.no_grad():
+        torch.autograd.graph.increment_version([p for p in unwrap(root).parameters()])
     try:
         yield unwrap(root)
     finally:
@@ -245,3 +249,72 @@ def save_full_model(root: torch.nn.Module, tokenizer, out_dir, is_main: bool):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a recipe calls
+# ---------------------------------------------------------------------------------------------------------------------
+def prepare_training(model: torch.nn.Module, train_cfg, dist: DistContext) -> tuple[torch.nn.Module, DistContext]:
+    """Apply ``train.gradient_checkpointing`` and ``train.sharding`` to a loaded model: returns the model to train
+    (a ShardedModel under fsdp2; route the loss through it with ``route``) and the context for loop.optimizer_step.
+    One process with fsdp2 runs FSDP2 over a world of one (the sharded code path, no communication)."""
+    from instructkit.config import ConfigError
+
+    if getattr(train_cfg, "gradient_checkpointing", False):
+        from instructkit.models.load import enable_activation_checkpointing
+
+        n = enable_activation_checkpointing(model)
+        log.info("activation checkpointing: %d layers", n)
+    mode = getattr(train_cfg, "sharding", "none") or "none"
+    if mode not in SHARDING_CHOICES:
+        raise ConfigError(f"train.sharding={mode!r}: use one of {', '.join(SHARDING_CHOICES)}")
+    if mode == "none":
+        return model, dist
+    if dist.world_size == 1:
+        init_single_process_group()
+    ctx = ShardedContext(dist.rank, dist.world_size)
+    root = shard_model(model, ctx)
+    log.warning("sharding: FSDP2 over %d process(es), %d decoder layers", ctx.world_size, len(decoder_layers(model)))
+    return root, ctx
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, ShardedModel)
+
+
+def checkpoint_states(model: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """``save_checkpoint`` keyword arguments: under sharding the trainable weights and the optimizer state gathered
+    on rank 0 (every rank must call this); nothing for an unsharded model."""
+    if not is_sharded(model):
+        return {}
+    return {"model_state": full_state_dict(model, trainable_only=True),
+            "optimizer_state": full_optimizer_state_dict(model, optimizer)}
+
+
+def state_loader(model: torch.nn.Module, optimizer):
+    """``resume_run(load_state=...)``: under sharding, each rank takes its shards of the saved full state (every
+    rank reads the files); None for an unsharded model (the default loading)."""
+    if not is_sharded(model):
+        return None
+
+    def load(weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, {_PREFIX + k: v for k, v in weights.items()}, options=opts)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
+
+    return load
+
+
+def refuse_unwired(train_cfg, recipe: str) -> None:
+    """For a recipe that does not apply ``train.sharding`` / ``train.gradient_checkpointing`` yet: refuse them rather
+    than ignore them."""
+    from instructkit.config import ConfigError
+
+    if (getattr(train_cfg, "sharding", "none") or "none") != "none":
+        raise ConfigError(f"train.sharding={train_cfg.sharding!r} is not available in `{recipe}` yet (SFT has it); "
+                          "use train.sharding=none")
+    if getattr(train_cfg, "gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing is not available in `{recipe}` yet (SFT has it)")
