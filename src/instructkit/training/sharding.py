@@ -164,7 +164,8 @@ def shard_model(model: torch.nn.Module, dist: DistContext, *, reshard_after_forw
 def init_single_process_group() -> None:
     """A gloo process group of one (no launcher): the sharded code path with one process, as the tests use it."""
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 @contextmanager
