@@ -22,8 +22,8 @@ How instructkit applies it (``shard_model``):
 - **Generation** (samples, rollouts) runs inside ``gathered(root)``: all units are all-gathered once and stay
   gathered, so a rank can generate alone, with no collective per token.
 - **Checkpoints and ``final/``** are written from full state dicts gathered to rank 0 (``full_state_dict``): the same
-  files as the unsharded path (``final/`` is a plain, unsharded model folder), and resume loads them with a broadcast
-  from rank 0. For very large models torch.distributed.checkpoint's sharded files scale better (each rank writes its
+  files as the unsharded path (``final/`` is a plain, unsharded model folder); on resume every rank reads them and
+  keeps its shards (``load_full_state`` broadcasts from rank 0 instead, for files only rank 0 can read). For very large models torch.distributed.checkpoint's sharded files scale better (each rank writes its
   shard); that works on CPU too (measured with torch 2.13, gloo) but is not wired in.
 
 On CPU (torch 2.13, gloo, 2 processes) all of the above works: forward, backward, fused AdamW on the DTensor shards,
@@ -155,8 +155,10 @@ def shard_model(model: torch.nn.Module, dist: DistContext, *, reshard_after_forw
     fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward)
     for m in root.modules():
         if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)
+            # older torch (the GPU image's 2.11 may be one) names it set_reduce_scatter_divide_factor
+            (getattr(m, "set_gradient_divide_factor", None) or m.set_reduce_scatter_divide_factor)(1.0)
+            if hasattr(m, "set_force_sum_reduction_for_comms"):  # gloo has no PREMUL_SUM; nccl has
+                m.set_force_sum_reduction_for_comms(True)
     log.info("FSDP2: %d decoder layers sharded over %d processes", len(layers), dist.world_size)
     return root
 
