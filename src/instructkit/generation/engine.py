@@ -175,16 +175,43 @@ class Engine:
             self._renderer = Renderer(self.tokenizer, template=self.template)
         return self._renderer
 
-    def chat_prompt_ids(self, messages: Sequence[Any]) -> list[int]:
-        """Token ids of a conversation up to and including the assistant generation prompt."""
+    def chat_prompt_ids(self, messages: Sequence[Any], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation up to and including the assistant generation prompt. ``tools``: function
+        definitions (OpenAI shape) the template renders into the prompt; a template that never reads ``tools`` is a
+        ValueError (they would be dropped without a word)."""
         msgs = [_message_dict(m) for m in messages]
+        if tools:
+            source = self.chat_template_source or ""
+            if "tools" not in source:
+                raise ValueError("the model's chat template does not render tools: they would be dropped")
         renderer = self.renderer
+        rich = bool(tools) or any(len(m) > 2 for m in msgs)  # tool calls, tool results, reasoning
         if renderer is not None:
-            return list(renderer.render_prompt(msgs))
-        out = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            import inspect
+
+            takes_tools = "tools" in inspect.signature(renderer.render_prompt).parameters
+            if not rich or takes_tools:
+                return list(renderer.render_prompt(msgs, tools=tools) if tools else renderer.render_prompt(msgs))
+            if self.template != "auto":
+                raise ValueError(f"template {self.template!r}: this renderer cannot render tool calls, tool results "
+                                 "or reasoning")
+            # a renderer that passes only role and content: the tokenizer's own template, as transformers renders it
+        kwargs = {"tools": tools} if tools else {}
+        out = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **kwargs)
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return [int(t) for t in out]
+
+    @property
+    def chat_template_source(self) -> str | None:
+        """The Jinja source of the chat template prompts are rendered with."""
+        renderer = self.renderer
+        src = getattr(getattr(renderer, "chat_template", None), "source", None) if renderer is not None else None
+        if src is None:
+            src = getattr(renderer, "template", None) if renderer is not None else None
+        if not isinstance(src, str):
+            src = self.tokenizer.chat_template if isinstance(self.tokenizer.chat_template, str) else None
+        return src
 
     def chat_stop_token_ids(self) -> list[int]:
         ids = set(self.default_stop_token_ids)
@@ -575,10 +602,19 @@ def _settled_length(text: str, stops: tuple[str, ...]) -> int:
     return n - hold
 
 
-def _message_dict(m: Any) -> dict[str, str]:
-    if isinstance(m, dict):
-        return {"role": m["role"], "content": m["content"]}
-    return {"role": m.role, "content": m.content}
+_MESSAGE_EXTRAS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning")
+
+
+def _message_dict(m: Any) -> dict[str, Any]:
+    """role and content, plus the tool-call and reasoning keys a message carries (as apply_chat_template passes them)."""
+    get = m.get if isinstance(m, dict) else (lambda k, d=None: getattr(m, k, d))
+    out: dict[str, Any] = {"role": get("role"), "content": get("content")}
+    for k in _MESSAGE_EXTRAS:
+        v = get(k)
+        if v not in (None, (), []):
+            out[k] = [c if isinstance(c, dict) else {"id": c.id, "type": "function", "function": {
+                "name": c.name, "arguments": c.arguments}} for c in v] if k == "tool_calls" else v
+    return out
 
 
 def _replace(params: SamplingParams, **changes) -> SamplingParams:

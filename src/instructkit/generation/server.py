@@ -60,7 +60,13 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream"
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
                          "function_call", "parallel_tool_calls"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
-MESSAGE_FIELDS = {"role", "content"}
+MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
+
+
+def _is_tool_call(c: Any) -> bool:
+    f = c.get("function") if isinstance(c, dict) else None
+    return (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), str)
+            and c.get("type", "function") == "function")
 
 
 class RequestError(Exception):
@@ -116,6 +122,7 @@ class Ticket:
     loop: asyncio.AbstractEventLoop | None = None
     queue: asyncio.Queue | None = None
     prompt_scores: list = field(default_factory=list)
+    read: dict | None = None  # chat: how to read replies back (tools offered, think tags)
     outputs: list[GenerationOutput] | None = None
     error: str | None = None
     _sent_chars: list[int] = field(default_factory=list)
@@ -317,9 +324,9 @@ class OpenAIServer:
         unknown = sorted(k for k in body if k not in allowed)
         if unknown:
             raise RequestError(400, f"unsupported field(s): {', '.join(map(repr, unknown))}", unknown[0])
-        for key in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
+        for key in ("functions", "function_call"):
             if body.get(key) is not None:
-                raise RequestError(400, f"'{key}': tool calling is not supported by this server yet", key)
+                raise RequestError(400, f"'{key}' (the deprecated functions API) is not supported: use 'tools'", key)
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise RequestError(404, f"model '{model}' is not served here; this server serves '{self.model_name}'",
@@ -380,13 +387,32 @@ class OpenAIServer:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise RequestError(400, f"messages[{i}] must be an object with a string 'role'", "messages")
-            if m["role"] not in ("system", "user", "assistant", "developer"):
+            if m["role"] not in ("system", "user", "assistant", "developer", "tool"):
                 raise RequestError(400, f"messages[{i}].role {m['role']!r} is not supported", "messages")
             extra = sorted(k for k in m if k not in MESSAGE_FIELDS and m[k] is not None)
             if extra:
                 raise RequestError(400, f"messages[{i}]: unsupported field(s) {', '.join(map(repr, extra))}",
                                    "messages")
+            out: dict[str, Any] = {}
+            calls = m.get("tool_calls")
+            if calls is not None:
+                if m["role"] != "assistant" or not isinstance(calls, list) or not all(_is_tool_call(c) for c in calls):
+                    raise RequestError(400, f"messages[{i}].tool_calls must be a list of {{id, type: function, "
+                                            "function: {name, arguments (JSON text)}} on an assistant message",
+                                       "messages")
+                out["tool_calls"] = [{"id": c.get("id"), "type": "function", "function": {
+                    "name": c["function"]["name"], "arguments": c["function"]["arguments"]}} for c in calls]
+            for key, role in (("tool_call_id", "tool"), ("reasoning_content", "assistant"), ("name", None)):
+                v = m.get(key)
+                if v is None:
+                    continue
+                if not isinstance(v, str) or (role is not None and m["role"] != role):
+                    raise RequestError(400, f"messages[{i}].{key} must be a string"
+                                            + (f" on a {role} message" if role else ""), "messages")
+                out[key] = v
             content = m.get("content")
+            if content is None and (calls or m["role"] == "assistant"):
+                content = ""
             if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
                 parts = []
                 for p in content:
@@ -397,11 +423,29 @@ class OpenAIServer:
             if not isinstance(content, str):
                 raise RequestError(400, f"messages[{i}].content must be a string", "messages")
             role = "system" if m["role"] == "developer" else m["role"]
-            clean.append({"role": role, "content": content})
+            clean.append({"role": role, "content": content, **out})
         return clean
 
-    def chat_request(self, body: Any) -> tuple[list[int], SamplingParams, int]:
+    def chat_request(self, body: Any) -> tuple[list[int], SamplingParams, int, dict]:
+        """(prompt ids, sampling parameters, n, how to read the reply back: offered tools and think tags)."""
         params, n = self._common(body, CHAT_FIELDS, self.limits.default_max_tokens)
+        tools = body.get("tools")
+        if tools is not None:
+            if not isinstance(tools, list) or not all(
+                    isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+                    and isinstance(t["function"].get("name"), str) for t in tools):
+                raise RequestError(400, "'tools' must be a list of {type: function, function: {name, description, "
+                                        "parameters}}", "tools")
+        choice = body.get("tool_choice")
+        if choice not in (None, "auto", "none"):
+            raise RequestError(400, "'tool_choice': only 'auto' and 'none' are supported (forcing a call needs "
+                                    "constrained decoding, which this server does not do)", "tool_choice")
+        if body.get("parallel_tool_calls") is False:
+            raise RequestError(400, "'parallel_tool_calls': false is not supported (the model may emit several "
+                                    "calls and nothing here stops it)", "parallel_tool_calls")
+        if choice == "none":
+            tools = None
+        tools = tools or None
         logprobs = body.get("logprobs")
         if logprobs is not None and not isinstance(logprobs, bool):
             raise RequestError(400, "'logprobs' must be a boolean", "logprobs")
@@ -413,12 +457,34 @@ class OpenAIServer:
             raise RequestError(400, "'max_tokens' must be at least 1 for chat completions", "max_tokens")
         clean = self._messages(body.get("messages"))
         try:
-            ids = self.engine.chat_prompt_ids(clean)
-        except Exception as e:  # the template rejected the conversation (e.g. roles out of order)
-            raise RequestError(400, f"the chat template could not render these messages: {e}", "messages") from None
+            ids = self.engine.chat_prompt_ids(clean, tools=tools)
+        except Exception as e:  # the template rejected the conversation (e.g. roles out of order, tools unrendered)
+            raise RequestError(400, f"the chat template could not render these messages: {e}",
+                               "tools" if tools and "tools" in str(e) else "messages") from None
         self._check_prompt(ids)
         params.stop_token_ids = self.engine.chat_stop_token_ids()
-        return ids, params, n
+        source = self.engine.chat_template_source or ""
+        think = "</think>" in source
+        tail = self.engine.tokenizer.decode(ids[-8:], skip_special_tokens=False) if think else ""
+        read = {"tools": tools, "think": think, "opened": think and tail.rstrip().endswith("<think>")}
+        return ids, params, n, read
+
+    @staticmethod
+    def chat_message(text: str, finish_reason: str, read: dict) -> tuple[dict, str]:
+        """The assistant message of a finished reply: reasoning split off, tool calls parsed (generation/parsing.py)."""
+        from instructkit.generation.parsing import parse_tool_calls, split_reasoning
+
+        reasoning, content = split_reasoning(text, read["opened"]) if read["think"] else (None, text)
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning is not None:
+            msg["reasoning_content"] = reasoning
+        if read["tools"]:
+            rest, calls = parse_tool_calls(content, read["tools"])
+            if calls:
+                msg["content"], msg["tool_calls"] = rest, calls
+                if finish_reason == "stop":
+                    finish_reason = "tool_calls"
+        return msg, finish_reason
 
     def completion_request(self, body: Any) -> tuple[list[list[int]], list[str | None], SamplingParams, int, bool]:
         params, n = self._common(body, COMPLETION_FIELDS, 16)
@@ -621,10 +687,10 @@ class OpenAIServer:
 
         async def chat(request: Request) -> Response:
             body = await read_json(request)
-            ids, params, n = server.chat_request(body)
+            ids, params, n, read = server.chat_request(body)
             seed = Engine._base_seed(params)
             ticket = Ticket(rows=[Row(index=j, prompt=ids, params=params, seed=seed + j) for j in range(n)],
-                            stream=bool(body.get("stream")))
+                            stream=bool(body.get("stream")), read=read)
             return await run(request, ticket, body, chat=True, prompts=[ids])
 
         async def completions(request: Request) -> Response:
@@ -658,8 +724,8 @@ class OpenAIServer:
             choices = []
             for k, o in enumerate(outs):
                 if chat:
-                    choices.append({"index": k, "message": {"role": "assistant", "content": o.text},
-                                    "finish_reason": o.finish_reason,
+                    msg, reason = server.chat_message(o.text, o.finish_reason, ticket.read)
+                    choices.append({"index": k, "message": msg, "finish_reason": reason,
                                     "logprobs": server._chat_logprobs(o, 0, len(o.logprobs))
                                     if ticket.rows[k].params.logprobs else None})
                     continue
@@ -742,6 +808,8 @@ async def _sse(server: OpenAIServer, ticket: Ticket, rid: str, created: int, cha
         return b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n"
 
     deadline = time.monotonic() + timeout
+    read = ticket.read or {}
+    shaper = _ChatDeltas(server, read, len(ticket.rows)) if chat and (read.get("think") or read.get("tools")) else None
     try:
         if chat:
             yield event([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -767,7 +835,9 @@ async def _sse(server: OpenAIServer, ticket: Ticket, rid: str, created: int, cha
                         lp = None
                         if r.params.logprobs and b > a:
                             lp = server._chat_logprobs(_RowView(r), a, b)
-                        choices.append({"index": j, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
+                        delta = shaper.delta(j, text) if shaper else {"content": text}
+                        if delta or lp:
+                            choices.append({"index": j, "delta": delta, "logprobs": lp, "finish_reason": None})
                     else:
                         lp = None
                         if r.params.logprobs and b > a:
@@ -783,7 +853,8 @@ async def _sse(server: OpenAIServer, ticket: Ticket, rid: str, created: int, cha
             final = []
             for j, o in enumerate(outs):
                 if chat:
-                    final.append({"index": j, "delta": {}, "logprobs": None, "finish_reason": o.finish_reason})
+                    delta, reason = shaper.last(j, o) if shaper else ({}, o.finish_reason)
+                    final.append({"index": j, "delta": delta, "logprobs": None, "finish_reason": reason})
                 else:
                     final.append({"index": j, "text": "", "logprobs": None, "finish_reason": o.finish_reason})
             yield event(final)
@@ -796,6 +867,49 @@ async def _sse(server: OpenAIServer, ticket: Ticket, rid: str, created: int, cha
     finally:
         if ticket.outputs is None:
             ticket.cancel()  # the client went away (or an error): its rows leave the batch at the next step
+
+
+class _ChatDeltas:
+    """Streamed chat deltas when replies are read back: reasoning as ``reasoning_content`` deltas as it comes, content
+    as it comes when no tools were offered; with tools the content is held until the reply is complete (a tool call
+    is only known once its closing tag or JSON is there), then sent with the ``tool_calls`` deltas."""
+
+    def __init__(self, server: "OpenAIServer", read: dict, rows: int):
+        self.server, self.read = server, read
+        self.text = [""] * rows
+        self.sent_reasoning = [0] * rows
+        self.sent_content = [0] * rows
+
+    def delta(self, j: int, piece: str) -> dict:
+        from instructkit.generation.parsing import split_reasoning
+
+        self.text[j] += piece
+        if self.read.get("think"):
+            reasoning, content = split_reasoning(self.text[j], self.read["opened"], final=False)
+            reasoning = reasoning.rstrip("\n") if reasoning is not None and not content else reasoning
+        else:
+            reasoning, content = None, self.text[j]
+        out: dict = {}
+        if reasoning and len(reasoning) > self.sent_reasoning[j]:
+            out["reasoning_content"] = reasoning[self.sent_reasoning[j]:]
+            self.sent_reasoning[j] = len(reasoning)
+        if not self.read.get("tools") and len(content) > self.sent_content[j]:
+            out["content"] = content[self.sent_content[j]:]
+            self.sent_content[j] = len(content)
+        return out
+
+    def last(self, j: int, o: GenerationOutput) -> tuple[dict, str]:
+        msg, reason = self.server.chat_message(o.text, o.finish_reason, self.read)
+        out: dict = {}
+        reasoning = msg.get("reasoning_content") or ""
+        if len(reasoning) > self.sent_reasoning[j]:
+            out["reasoning_content"] = reasoning[self.sent_reasoning[j]:]
+        content = msg.get("content") or ""
+        if len(content) > self.sent_content[j]:
+            out["content"] = content[self.sent_content[j]:]
+        if msg.get("tool_calls"):
+            out["tool_calls"] = [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]
+        return out, reason
 
 
 @dataclass
