@@ -259,7 +259,9 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         for epoch in range(cfg.ppo_epochs):
             perm = torch.randperm(cfg.rollout_batch_size, generator=gen)
             for k in range(n_mini):
-                idx = perm[k * mini:(k + 1) * mini]
+                # rows in rollout order within a mini-batch: the same rows in the same order as scoring gives the
+                # same floating-point sums (a permuted batch differs by ~1e-7), so the first update's ratio is exactly 1
+                idx = perm[k * mini:(k + 1) * mini].sort().values
                 micro = []
                 for j in range(cfg.train.grad_accum):
                     sub = traj.select(idx[j * cfg.train.micro_batch_size:(j + 1) * cfg.train.micro_batch_size])
