@@ -261,8 +261,8 @@ def test_weight_updates_between_calls_are_used(llama):
 
 
 def test_updates_by_the_projects_optimizer_step_are_used(llama):
-    """The same through training/loop.optimizer_step: torch's fused AdamW writes parameters without bumping their
-    version counters, so the step bumps them; without that the decode step would keep using the old fused weights."""
+    """The same through training/loop.optimizer_step, which knows nothing of the decode step: its fused AdamW writes
+    parameters without bumping their version counters; the decoder's optimizer hook sees the step."""
     import copy
 
     from instructkit.config import TrainConfig
@@ -289,6 +289,53 @@ def test_updates_by_the_projects_optimizer_step_are_used(llama):
                          eos_token_id=[tok.eos_token_id])[0, len(ids):].tolist()
     assert after == ref
     assert after != before
+
+
+@pytest.mark.parametrize("write", ["fused_adamw", "storage_view"])
+def test_a_cached_decoder_sees_writes_that_bypass_version_counters(llama, write):
+    """Writes that leave the version counters alone: a fused optimizer's step (seen by the optimizer hook) and a write
+    through another view of the storage (seen by the sampled values). The next generate call must decode with the new weights, equal to
+    ``model.generate`` after the write, and the fused copies must have been rebuilt."""
+    import copy
+
+    model, tok = llama
+    model = copy.deepcopy(model)
+    ids = tok(TEXTS[0])["input_ids"]
+    eng = Engine(model, tok)
+    before = eng.generate([ids], SamplingParams(max_new_tokens=20))[0].token_ids
+    dec = FastDecoder.build(model)
+    fused_before = dec.qkv[0].clone()
+    versions = [p._version for p in model.parameters()]
+    if write == "fused_adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        model.train()
+        (-model(input_ids=torch.tensor([ids])).logits[0, :, 7].sum()).backward()
+        opt.step()
+        model.eval()
+        assert dec._fingerprint is None  # the optimizer hook dropped the copies at once
+    else:  # through another view of the storage, as FSDP's all-gather refills gathered weights
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.detach().numpy()[:] *= 3.0
+            layer.mlp.up_proj.weight.detach().numpy()[:] += 0.05
+    assert [p._version for p in model.parameters()] == versions  # the write bypassed the counters
+    after = eng.generate([ids], SamplingParams(max_new_tokens=20))[0].token_ids
+    assert FastDecoder.build(model) is dec and not torch.equal(dec.qkv[0], fused_before)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
+                         eos_token_id=[tok.eos_token_id])[0, len(ids):].tolist()
+    assert after == ref
+    assert after != before  # the change mattered on this prompt
+
+
+def test_an_unrelated_optimizer_step_keeps_the_copies(llama):
+    """The hook drops only the copies of the model whose weights were stepped."""
+    model, tok = llama
+    dec = FastDecoder.build(model)
+    qkv = dec.qkv[0]
+    other = torch.nn.Linear(3, 3)
+    opt = torch.optim.AdamW(other.parameters(), lr=0.1, fused=True)
+    other(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert FastDecoder.build(model).qkv[0] is qkv
 
 
 def test_unsupported_models_fall_back(llama):

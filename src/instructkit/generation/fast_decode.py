@@ -11,10 +11,12 @@ This module runs the same arithmetic with the model's own weight tensors:
   written in place (no per-step ``torch.cat``, no O(n^2) copying), read through a slice;
 - q/k/v are one matmul and gate/up one matmul, against fused weights built once from the model's tensors (bit-identical
   to the separate matmuls: each output element is the same dot product; checked by the tests). The fused copies cost
-  memory (~2/3 of the transformer body) and are rebuilt when any source weight changes (tensor version counters), so an
-  optimiser step between two ``generate`` calls (PPO rollouts) is picked up. A write that bypasses those counters
-  (``p.data.copy_``, torch's fused optimizers) is not seen: ``training.loop.optimizer_step`` bumps them after its
-  fused AdamW step;
+  memory (~2/3 of the transformer body) and are rebuilt when any source weight changes, so an optimiser step between
+  two ``generate`` calls (PPO rollouts) is picked up without the trainer knowing this cache exists. Three checks, each
+  for a way weights change: the tensor's address and version counter (a replaced tensor, any in-place op); a hook
+  torch calls after every optimizer's step (``register_optimizer_step_post_hook``: torch's fused AdamW writes the
+  parameters without bumping their version counters); and a sample of each tensor's values (writes through ``.data``,
+  FSDP re-gathering into the same storage, which bypass both);
 - the attention call is the one transformers' sdpa integration makes, with the same arguments (GQA via
   ``enable_gqa`` without a mask, the packed single-query layout with a boolean padding mask, the same sliding-window
   key range and the same "mask materialised from the window size on" rule for Gemma 3's local layers), so the float
@@ -46,6 +48,33 @@ import torch.nn.functional as F
 
 _SUPPORTED = ("LlamaForCausalLM", "Gemma3ForCausalLM")
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, FastDecoder]" = weakref.WeakKeyDictionary()
+_OPTIMIZER_HOOK = None  # the handle of _after_optimizer_step, registered when the first decoder is built
+_SAMPLES_PER_TENSOR = 16  # values of each source tensor kept as part of its fingerprint
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """Called by torch after any optimizer's ``step``: decoders whose source weights that optimizer holds drop their
+    copies (the next ``FastDecoder.build`` rebuilds them). Fused optimizers write parameters without bumping their
+    version counters, so the counters alone would miss the update."""
+    if not _DECODERS:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for dec in list(_DECODERS.values()):
+        if dec._source_ids & stepped:
+            dec._fingerprint = None
+
+
+def _fingerprint(tensors: list[torch.Tensor]) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """What copies of ``tensors`` are valid for: each tensor's (address, version counter), and a strided sample of its
+    values (``_SAMPLES_PER_TENSOR`` each, a few microseconds in all) that catches a rewrite the counters miss."""
+    with torch.no_grad():
+        flat = [t.detach().reshape(-1) for t in tensors]
+        values = torch.cat([f[:: max(1, f.numel() // _SAMPLES_PER_TENSOR)].float() for f in flat])
+    return [(t.data_ptr(), t._version) for t in tensors], values
+
+
+def _same_fingerprint(a, b) -> bool:
+    return a is not None and b is not None and a[0] == b[0] and torch.equal(a[1], b[1])
 
 
 def _peft_inner(model):
@@ -194,7 +223,8 @@ class FastDecoder:
             self.layer_types = ["full_attention"] * len(self.layers)
             self.window = None
             self.final_softcap = None
-        self._versions: list[tuple[int, int]] | None = None
+        self._fingerprint: tuple | None = None  # of the source weights the copies were built from (_fingerprint)
+        self._source_ids: set[int] = set()  # id() of each source weight, for _after_optimizer_step
         self.use_packed = _mkl_packed_available()
         self._pack_key: tuple[int, int, bool] | None = None  # (rows, threads, exact) the copies in _pack are for
         self._pack: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}  # name -> ("packed" | "transposed", copy)
@@ -210,6 +240,11 @@ class FastDecoder:
         """The cached decoder of ``model`` (weights refreshed if they changed), or None if the model is unsupported."""
         if unsupported_reason(model) is not None:
             return None
+        global _OPTIMIZER_HOOK
+        if _OPTIMIZER_HOOK is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
         dec = _DECODERS.get(model)
         if dec is None:
             dec = _DECODERS[model] = cls(model)
@@ -233,7 +268,8 @@ class FastDecoder:
         return out
 
     def refresh(self) -> None:
-        """(Re)build the fused weights if any source tensor was replaced or modified in place since the last build."""
+        """(Re)build the fused weights if any source tensor was replaced or modified since the last build (module
+        docstring: three checks)."""
         # per layer: projection name -> (lora_A, lora_B, scaling) of the active adapter; looked up on every build
         # (cheap), so switching adapters is picked up; the adapter weights themselves are read at each step
         self.lora: list[dict] = []
@@ -242,8 +278,9 @@ class FastDecoder:
             named = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "gate": m.gate_proj,
                      "up": m.up_proj, "down": m.down_proj}
             self.lora.append({n: _lora(lin) for n, lin in named.items() if type(lin) is not torch.nn.Linear})
-        versions = [(t.data_ptr(), t._version) for t in self._sources()]
-        if versions == self._versions:
+        sources = self._sources()
+        fingerprint = _fingerprint(sources)
+        if _same_fingerprint(fingerprint, self._fingerprint):
             return
         with torch.no_grad():
             self.qkv, self.gate_up, self.norms, self.plain = [], [], [], []
@@ -260,8 +297,10 @@ class FastDecoder:
                     self.norms.append(tuple(1.0 + n.weight.detach().float() for n in (
                         a.q_norm, a.k_norm, layer.input_layernorm, layer.post_attention_layernorm,
                         layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm)))
-        self._versions = versions
+        self._fingerprint = fingerprint
+        self._source_ids = {id(t) for t in sources}
         self._pack_key, self._pack = None, {}
+        self._greedy = None
 
     # ----------------------------------------------------------------------------------------------------------------
     # MKL packed weights

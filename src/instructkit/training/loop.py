@@ -235,17 +235,11 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(f"step {step}: non-finite loss")
     dist.all_reduce_grads(params)
-    updated = [p for p in params if p.grad is not None]
-    grads = [p.grad for p in updated]
     grad_norm = dist.grad_norm(params, max_grad_norm)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(f"step {step}: non-finite gradient norm ({float(grad_norm)})")
     optimizer.step()
-    # torch's fused AdamW writes the parameters without bumping their version counters; the decode step's weight
-    # copies and GreedyHead (generation/fast_decode.py) key on those counters to see an update between two generate
-    # calls (PPO rollouts), so bump them here
-    torch.autograd.graph.increment_version(updated)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(red[0].item() / total_units, float(grad_norm), lr, total_units, total_tokens,

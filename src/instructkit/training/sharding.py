@@ -183,10 +183,6 @@ def gathered(root: torch.nn.Module):
     for u in units:
         u.set_reshard_after_forward(False, recurse=False)
         u.unshard()
-    # the gathered weights are refilled in place: bump their version counters, so caches keyed on them (the decode
-    # step's weight copies, generation/fast_decode.py) see the weights of this step, never those of an earlier gather
-    with torch.no_grad():
-        torch.autograd.graph.increment_version([p for p in unwrap(root).parameters()])
     try:
         yield unwrap(root)
     finally:
