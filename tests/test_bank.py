@@ -6,23 +6,19 @@ import random
 
 import pytest
 
+from instructkit.config import RenderSpec, TaskMixtureConfig, TaskMixtureEntry
 from instructkit.data.schema import DataError
 from instructkit.tasks.bank import (
-    RenderSpec,
     Task,
     TaskBank,
     TaskExample,
-    TaskMixtureConfig,
-    TaskMixtureEntry,
     Template,
-    build_task_mixture,
-    count_by,
-    default_bank,
     options_block,
     render_example,
     render_task,
     render_variants,
 )
+from instructkit.tasks.mixture import build_task_mixture, count_by, default_bank
 
 
 def toy_task(**kw) -> Task:

@@ -11,7 +11,9 @@ from collections import Counter
 import pytest
 
 from instructkit.data.schema import DataError, validate_conversation
-from instructkit.tasks.bank import RenderSpec, default_bank, render_example, render_task, render_variants
+from instructkit.config import RenderSpec
+from instructkit.tasks.bank import render_example, render_task, render_variants
+from instructkit.tasks.mixture import default_bank
 from instructkit.tasks.yaml_tasks import load_yaml_tasks
 
 BANK = default_bank()

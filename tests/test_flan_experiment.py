@@ -11,7 +11,7 @@ from instructkit.cli import main
 from instructkit.cli.experiment import cluster_plan
 from instructkit.config import ConfigError, FlanScalingConfig, load_config
 from instructkit.data.io import read_conversations
-from instructkit.tasks.bank import default_bank
+from instructkit.tasks.mixture import default_bank
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_flan_scaling.yaml"

@@ -23,15 +23,9 @@ from instructkit.eval.heldout import (
     to_markdown,
     write_results,
 )
-from instructkit.tasks.bank import (
-    Task,
-    TaskExample,
-    TaskMixtureConfig,
-    Template,
-    build_task_mixture,
-    default_bank,
-    render_task,
-)
+from instructkit.config import TaskMixtureConfig
+from instructkit.tasks.bank import Task, TaskExample, Template, render_task
+from instructkit.tasks.mixture import build_task_mixture, default_bank
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ from instructkit.chat.lint import (
     probe_conversations,
 )
 from instructkit.chat.render import Renderer
-from instructkit.chat.templates import BUILTIN_TEMPLATES, standin_tokenizer
+from instructkit.chat.standin import standin_tokenizer
+from instructkit.chat.templates import BUILTIN_TEMPLATES
 from instructkit.cli import main
 
 

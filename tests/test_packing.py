@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from instructkit.training.packing import (IGNORE_INDEX, Sample, block_causal_mask, build_rows, collate_rows,
+from instructkit.models.load import block_causal_mask
+from instructkit.training.packing import (IGNORE_INDEX, Sample, build_rows, collate_rows,
                                           epoch_order, pack_first_fit, prepare_samples)
 
 

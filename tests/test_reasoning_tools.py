@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from instructkit.chat.render import Renderer, TemplatePrefixError
+from instructkit.chat.standin import standin_tokenizer
 from instructkit.chat.templates import (
     BUILTIN_TEMPLATES,
     TemplateError,
     get_template,
     render_text,
-    standin_tokenizer,
     template_messages,
 )
 

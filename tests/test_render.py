@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from instructkit.chat.render import Rendered, Renderer, TemplatePrefixError
-from instructkit.chat.templates import BUILTIN_TEMPLATES, TemplateError, standin_tokenizer
+from instructkit.chat.standin import standin_tokenizer
+from instructkit.chat.templates import BUILTIN_TEMPLATES, TemplateError
 from instructkit.data.schema import Conversation, Message
 
 

@@ -50,7 +50,7 @@ def qwen3_dir(tmp_path_factory):
     """A tiny random Qwen3 and a byte-level tokenizer carrying Qwen3's official template (trl 1.16.0 qwen3.jinja)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from instructkit.chat.templates import standin_tokenizer
+    from instructkit.chat.standin import standin_tokenizer
 
     out = tmp_path_factory.mktemp("qwen3_tiny")
     tok = standin_tokenizer("qwen3")

@@ -23,6 +23,7 @@ import pytest
 from jinja2.exceptions import SecurityError
 
 from instructkit.chat.render import Renderer
+from instructkit.chat.standin import standin_tokenizer
 from instructkit.chat.templates import (
     BUILTIN_TEMPLATES,
     ChatTemplate,
@@ -31,7 +32,6 @@ from instructkit.chat.templates import (
     missing_tokens,
     prepare_tokenizer,
     render_text,
-    standin_tokenizer,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_templates"

@@ -608,7 +608,59 @@ class SelfInstructConfig:
             raise ConfigError(f"backend.kind must be 'local' or 'openai', got {self.backend.kind!r}")
 
 
-from instructkit.tasks.bank import TaskMixtureConfig  # noqa: E402  (standard library + data/schema only: no cycle)
+# The task bank's settings (tasks/bank.py renders with them, tasks/mixture.py mixes): here with the other configs, so
+# config.py imports nothing of the package and the task modules import config.py, not the reverse.
+@dataclass
+class RenderSpec:
+    """How a task's examples are turned into training (or evaluation) conversations."""
+
+    fewshot_fraction: float = 0.0
+    """Fraction of examples rendered few-shot (FLAN 2022 mixes zero- and few-shot)."""
+    k: int = 2
+    """Exemplars per few-shot example."""
+    options_fraction: float = 1.0
+    """For tasks with options: fraction of examples that show them."""
+    templates: str = "random"
+    """"random" (one template per example, seeded), "all" (every example under every template), or a template name."""
+    separator: str = "\n\n"
+    """Between few-shot exemplars."""
+    fewshot_format: str = "inline"
+    """"inline" (one user turn) or "turns" (exemplars as earlier user/assistant turns)."""
+
+
+@dataclass
+class TaskMixtureEntry:
+    name: str = ""
+    """A task name, or "cluster:NAME" for every task of a cluster."""
+    weight: float = 1.0
+    """Weighted strategy: the entry's share; a cluster's weight is split equally among its tasks."""
+    examples: int | None = None
+    """Examples rendered per task of this entry (None: the mixture's examples_per_task)."""
+
+
+@dataclass
+class TaskMixtureConfig:
+    tasks: list[TaskMixtureEntry] = field(default_factory=list)
+    """Tasks and clusters in the mixture (empty: every task outside exclude_clusters)."""
+    exclude_clusters: list[str] = field(default_factory=list)
+    """Held-out clusters: none of their tasks is mixed in, even when listed."""
+    strategy: str = "proportional"
+    """"weighted" or "proportional" (data/mixture.py): proportional rates are min(n, cap)^(1/temperature)."""
+    cap: int | None = None
+    """Proportional: the task size above which a task gets no larger a rate (FLAN used 3,000)."""
+    temperature: float = 1.0
+    """Proportional: > 1 flattens rates toward equal."""
+    total: int | None = None
+    """Examples in the mixture (None: every rendered example once)."""
+    examples_per_task: int = 100
+    """Examples rendered per task. A fixed example list gives at most len(list) x templates distinct renders, so
+    small tasks are rendered at most that many times (their size for proportional mixing)."""
+    seed: int = 0
+    """Seed for rendering (examples, templates, variants) and for mixing."""
+    render: RenderSpec = field(default_factory=RenderSpec)
+    """Zero-/few-shot and options settings."""
+    yaml_tasks: list[str] = field(default_factory=list)
+    """Extra YAML task files (tasks/yaml_tasks.py), relative paths from the mixture file's folder."""
 
 
 def _default_flan_lora() -> LoRAConfig:

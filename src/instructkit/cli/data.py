@@ -114,7 +114,7 @@ def _read(args, path: str, stats):
     )
 
 
-def _describe(values: list[int | float]) -> dict[str, float] | None:
+def describe(values: list[int | float]) -> dict[str, float] | None:
     if not values:
         return None
     s = sorted(values)
@@ -134,7 +134,7 @@ def _stats_line(d: dict | None) -> str:
     return f"min {d['min']}  mean {d['mean']}  median {d['median']}  p95 {d['p95']}  max {d['max']}"
 
 
-def _load_tokenizer(path: str):
+def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -145,7 +145,7 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
 
 
-def _renderer(tokenizer, template: str | None):
+def make_renderer(tokenizer, template: str | None):
     """The Renderer if chat/render.py exists (it is built alongside this module); None only if that module is absent."""
     try:
         from instructkit.chat.render import Renderer
@@ -184,9 +184,9 @@ def cmd_inspect(args) -> int:
     if args.template and not args.tokenizer:
         print("error: --template needs --tokenizer", file=sys.stderr)
         return 2
-    tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     try:
-        renderer = _renderer(tokenizer, args.template) if tokenizer is not None else None
+        renderer = make_renderer(tokenizer, args.template) if tokenizer is not None else None
     except ValueError as e:  # chat.templates.TemplateError: unknown template, missing special tokens, ...
         print(f"error: template: {e}", file=sys.stderr)
         return 2
@@ -257,13 +257,13 @@ def cmd_inspect(args) -> int:
         "by_reason": dict(stats.by_reason.most_common()),
         "examples": stats.examples,
         "roles": roles,
-        "turns": _describe(turns),
-        "prompt_chars": _describe(prompt_chars),
-        "response_chars": _describe(response_chars),
-        "response_words": _describe(response_words),
-        "rejected_chars": _describe(rejected_chars),
-        "tokens": _describe(tokens),
-        "supervised_tokens": _describe(supervised) if renderer is not None else None,
+        "turns": describe(turns),
+        "prompt_chars": describe(prompt_chars),
+        "response_chars": describe(response_chars),
+        "response_words": describe(response_words),
+        "rejected_chars": describe(rejected_chars),
+        "tokens": describe(tokens),
+        "supervised_tokens": describe(supervised) if renderer is not None else None,
         "render_errors": len(render_errors),
         "first_render_error": render_errors[0] if render_errors else None,
         "sample": None,

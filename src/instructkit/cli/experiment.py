@@ -90,7 +90,8 @@ def run_flan_scaling(cfg) -> dict:
     from instructkit.eval.contamination import check_contamination
     from instructkit.eval.heldout import HeldoutConfig, eval_items, evaluate_heldout, load_for_eval, write_results
     from instructkit.recipes import sft
-    from instructkit.tasks.bank import TaskMixtureEntry, build_task_mixture, count_by, default_bank
+    from instructkit.config import TaskMixtureEntry
+    from instructkit.tasks.mixture import build_task_mixture, count_by, default_bank
 
     out = Path(cfg.train.output_dir) / cfg.train.run_name
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import sys
 
 
 def _bank(args):
-    from instructkit.tasks.bank import default_bank
+    from instructkit.tasks.mixture import default_bank
 
     return default_bank(getattr(args, "tasks_file", None) or [])
 
@@ -111,7 +111,7 @@ def load_task_mixture_config(path, overrides=None):
     from pathlib import Path
 
     from instructkit.config import load_config
-    from instructkit.tasks.bank import TaskMixtureConfig
+    from instructkit.config import TaskMixtureConfig
 
     cfg = load_config(TaskMixtureConfig, path, overrides or [])
     base = Path(path).parent if path else Path(".")
@@ -122,7 +122,7 @@ def load_task_mixture_config(path, overrides=None):
 def cmd_build_mixture(args) -> int:
     from instructkit.config import ConfigError
     from instructkit.data.io import write_jsonl
-    from instructkit.tasks.bank import build_task_mixture, count_by
+    from instructkit.tasks.mixture import build_task_mixture, count_by
 
     cfg = load_task_mixture_config(args.config, args.overrides)
     try:

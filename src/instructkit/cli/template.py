@@ -50,7 +50,8 @@ def _template_arg(value: str) -> str:
 
 def load_tokenizer_for(template_arg: str, tokenizer_path: str | None):
     """The tokenizer to use: the given folder, or the stand-in tokenizer of a built-in template."""
-    from instructkit.chat.templates import TemplateError, standin_tokenizer
+    from instructkit.chat.standin import standin_tokenizer
+    from instructkit.chat.templates import TemplateError
 
     if tokenizer_path:
         from transformers import AutoTokenizer

@@ -80,7 +80,7 @@ def paired_responses(path_a: str | Path, path_b: str | Path) -> list[ResponsePai
     return [ResponsePair(p, a[p], b[p]) for p in a]
 
 
-def _summary(scores_a: Sequence[float]) -> dict[str, Any]:
+def win_rate_summary(scores_a: Sequence[float]) -> dict[str, Any]:
     """Per-prompt scores of A in [0, 1] -> win rate and counts."""
     n = len(scores_a)
     return {
@@ -134,7 +134,7 @@ def reward_model_winrate_scored(model, tokenizer, pairs: Sequence[ResponsePair],
                        batch_size=batch_size)
     per_prompt = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(ra, rb)]
     return {
-        **_summary(per_prompt),
+        **win_rate_summary(per_prompt),
         "mean_reward_a": sum(ra) / len(ra),
         "mean_reward_b": sum(rb) / len(rb),
         "mean_margin": sum(a - b for a, b in zip(ra, rb)) / len(ra),
@@ -242,7 +242,7 @@ def judge_winrate(judge: Callable[[Sequence[list[dict[str, str]]]], list[str]], 
             for v in verdicts:
                 f.write(json.dumps(v, ensure_ascii=False) + "\n")
     return {
-        **_summary(per_prompt),
+        **win_rate_summary(per_prompt),
         "position_consistency": consistent / len(pairs),
         "unparsed": unparsed,
         "judge": getattr(judge, "name", type(judge).__name__),

@@ -411,6 +411,8 @@ class Engine:
 
         from transformers import DynamicCache
 
+        from instructkit.models.load import repeated_rows
+
         active = list(range(B))  # indices into rows of the sequences still in the batch
         # PPO and GRPO rollouts sample several responses per prompt; the prompt is the long part, so its prefill runs
         # once (SmolLM2 with a LoRA adapter, 8 rows of ~100 prompt tokens, 4 per prompt: 850 -> 230 ms)
@@ -549,19 +551,6 @@ class Engine:
             drop = torch.zeros_like(drop_sorted).scatter(1, sorted_idx, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
         return _sample_rows(scores.softmax(dim=-1), generators)
-
-
-def repeated_rows(keys: Sequence, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(distinct, source) when some of ``keys`` (one hashable per row) repeat: ``distinct`` the first row of each
-    distinct key (the rows to compute), ``source[i]`` the position in ``distinct`` that row i's result comes from;
-    None when every key is distinct. Used to run a repeated prompt once (here and in ``value_head.response_hidden``)."""
-    seen: dict = {}
-    source = [seen.setdefault(k, len(seen)) for k in keys]
-    if len(seen) == len(source):
-        return None
-    distinct = [source.index(j) for j in range(len(seen))]
-    return (torch.tensor(distinct, dtype=torch.long, device=device),
-            torch.tensor(source, dtype=torch.long, device=device))
 
 
 def _sample_rows(probs: torch.Tensor, generators: list) -> torch.Tensor:

@@ -171,10 +171,36 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, Callable[[torch.Tensor], to
     return body, head, softcap
 
 
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) segment ids -> (B, 1, T, T) additive mask: 0 where query i may attend key j (same sample, j <= i),
+    the dtype's minimum elsewhere. Padding positions (segment -1) attend to themselves only, so no row is all-masked
+    (which would give NaN in softmax); their outputs are never supervised."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    pad = segment_ids < 0
+    allowed = causal & same & ~(pad[:, :, None] | pad[:, None, :])
+    allowed |= torch.eye(T, dtype=torch.bool, device=segment_ids.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def repeated_rows(keys: Sequence, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(distinct, source) when some of ``keys`` (one hashable per row) repeat: ``distinct`` the first row of each
+    distinct key (the rows to compute), ``source[i]`` the position in ``distinct`` that row i's result comes from;
+    None when every key is distinct. Used to run a repeated prompt once (generation/engine.py and ``value_head.response_hidden``)."""
+    seen: dict = {}
+    source = [seen.setdefault(k, len(seen)) for k in keys]
+    if len(seen) == len(source):
+        return None
+    distinct = [source.index(j) for j in range(len(seen))]
+    return (torch.tensor(distinct, dtype=torch.long, device=device),
+            torch.tensor(source, dtype=torch.long, device=device))
+
+
 def packed_attention_mask(model, segment_ids: torch.Tensor, dtype: torch.dtype):
     """The isolating mask for a packed batch; a per-layer-type dict for models with sliding-window layers (Gemma 3)."""
-    from instructkit.training.packing import block_causal_mask
-
     mask = block_causal_mask(segment_ids, dtype)
     cfg = getattr(model, "config", None)
     cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg

@@ -1,7 +1,7 @@
 """Tiny random-initialised models with a real tokenizer and chat template, built in seconds, fully offline.
 
 Tests, smoke runs and users' own CI use them (`instructkit models create-tiny PATH`). The tokenizer is a byte-level BPE
-trained in-process on a small built-in English corpus, so any text (any unicode) encodes, and it carries ChatML special
+trained in-process on a small built-in English corpus (chat/standin.py's CORPUS), so any text (any unicode) encodes, and it carries ChatML special
 tokens and a ChatML chat template. The model is a Llama built from a config with a fixed seed. Everything is written as a
 normal Hugging Face folder (safetensors), so plain transformers loads it.
 """
@@ -9,6 +9,8 @@ normal Hugging Face folder (safetensors), so plain transformers loads it.
 from __future__ import annotations
 
 from pathlib import Path
+
+from instructkit.chat.standin import CORPUS
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -18,24 +20,6 @@ CHATML_TEMPLATE = (
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-
-# A small corpus written for this purpose: enough English for a few hundred useful BPE merges.
-_CORPUS = """
-Give three tips for staying healthy. Eat a balanced diet, exercise regularly and get enough sleep.
-What is the capital of France? The capital of France is Paris.
-Summarize the following text in one sentence. The report describes how the team improved the product.
-Classify the sentiment of this review as positive or negative. I loved the movie, it was wonderful.
-Translate the sentence into French. Write a short poem about the sea. Explain why the sky is blue.
-The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
-Rewrite the sentence in the passive voice. Extract the names of the people mentioned in the paragraph.
-Answer the question using the context. If you cannot answer, say that you do not know.
-Write a Python function that returns the sum of a list of numbers. def add(a, b): return a + b
-Compute 12 plus 30. The answer is 42. List the steps needed to bake bread: mix, knead, rise, shape, bake.
-I cannot help with that request because it could cause harm. Here is a safer alternative.
-Please respond in JSON with the keys name and age. Use exactly three bullet points. Answer in lowercase.
-Instruction tuning teaches a pretrained language model to follow instructions and to stop when it is done.
-The assistant answers the user politely, clearly and briefly, and then ends its turn.
-"""
 
 
 def build_tokenizer(vocab_size: int = 512):
@@ -52,7 +36,7 @@ def build_tokenizer(vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    lines = [line for line in _CORPUS.strip().splitlines() if line.strip()]
+    lines = [line for line in CORPUS.strip().splitlines() if line.strip()]
     tok.train_from_iterator(lines * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,

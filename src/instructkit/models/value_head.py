@@ -91,8 +91,8 @@ def response_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 def _prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-    """``engine.repeated_rows`` of (B, P) prompt columns: a row's prompt is its ids and its mask."""
-    from instructkit.generation.engine import repeated_rows
+    """``load.repeated_rows`` of (B, P) prompt columns: a row's prompt is its ids and its mask."""
+    from instructkit.models.load import repeated_rows
 
     keys = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1).tolist()
     return repeated_rows([tuple(k) for k in keys], prompt_ids.device)

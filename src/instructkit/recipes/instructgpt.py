@@ -164,9 +164,9 @@ def load_heldout_prompts(cfg: InstructGPTConfig, run_dir: Path, synthetic_heldou
 
 def win_rate(scores_a: list[float], scores_b: list[float]) -> dict[str, Any]:
     """A over B per prompt: win 1, tie 0.5, loss 0 (eval/reward.py's summary: win rate = (wins + ties / 2) / n)."""
-    from instructkit.eval.reward import _summary
+    from instructkit.eval.reward import win_rate_summary
 
-    return _summary([1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores_a, scores_b)])
+    return win_rate_summary([1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores_a, scores_b)])
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

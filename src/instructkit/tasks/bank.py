@@ -16,7 +16,8 @@ seeds are hashed with SHA-512 by CPython, stable across runs and platforms), so 
 examples are drawn never changes the others. Template and variant choices in a mixture use their own seeded stream.
 
 This module is the project's own idea (no library offers templated task banks that feed a trainer), so it is written
-here; it imports only the standard library and data/schema.py.
+here; it imports only the standard library, config.py (RenderSpec) and data/schema.py. The bank of built-in
+tasks and mixtures of tasks are in tasks/mixture.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from instructkit.config import RenderSpec
 from instructkit.data.schema import Conversation, DataError, Message, validate_conversation
 
 METRICS = ("accuracy", "exact_match", "rouge_l")
@@ -265,24 +267,6 @@ def render_variants(task: Task, ex: TaskExample, exemplars: Sequence[TaskExample
     return out
 
 
-@dataclass
-class RenderSpec:
-    """How a task's examples are turned into training (or evaluation) conversations."""
-
-    fewshot_fraction: float = 0.0
-    """Fraction of examples rendered few-shot (FLAN 2022 mixes zero- and few-shot)."""
-    k: int = 2
-    """Exemplars per few-shot example."""
-    options_fraction: float = 1.0
-    """For tasks with options: fraction of examples that show them."""
-    templates: str = "random"
-    """"random" (one template per example, seeded), "all" (every example under every template), or a template name."""
-    separator: str = "\n\n"
-    """Between few-shot exemplars."""
-    fewshot_format: str = "inline"
-    """"inline" (one user turn) or "turns" (exemplars as earlier user/assistant turns)."""
-
-
 def pick_exemplars(task: Task, query: TaskExample, index: int, k: int, seed: int, split: str) -> tuple[TaskExample, ...]:
     """``k`` exemplars for few-shot example ``index``, from a separate stream (split + ":shots"), never equal to the
     query itself (a small fixed list may have fewer than k other examples: then fewer are returned)."""
@@ -369,99 +353,3 @@ class TaskBank:
             else:
                 out.setdefault(n, self.get(n))
         return list(out.values())
-
-
-def default_bank(extra_yaml: Iterable[str] = ()) -> TaskBank:
-    """All built-in task families (tasks/families/*), plus tasks from YAML definition files."""
-    from instructkit.tasks.families import all_tasks
-
-    bank = TaskBank().extend(all_tasks())
-    if extra_yaml:
-        from instructkit.tasks.yaml_tasks import load_yaml_tasks
-
-        for path in extra_yaml:
-            bank.extend(load_yaml_tasks(path))
-    return bank
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Mixtures of tasks: render each task's examples, then mix with data/mixture.py (weighted, or example-proportional with
-# a cap and a temperature, as T5/FLAN do). The mixing itself is data/mixture.py's; only the rendering is here.
-# ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class TaskMixtureEntry:
-    name: str = ""
-    """A task name, or "cluster:NAME" for every task of a cluster."""
-    weight: float = 1.0
-    """Weighted strategy: the entry's share; a cluster's weight is split equally among its tasks."""
-    examples: int | None = None
-    """Examples rendered per task of this entry (None: the mixture's examples_per_task)."""
-
-
-@dataclass
-class TaskMixtureConfig:
-    tasks: list[TaskMixtureEntry] = field(default_factory=list)
-    """Tasks and clusters in the mixture (empty: every task outside exclude_clusters)."""
-    exclude_clusters: list[str] = field(default_factory=list)
-    """Held-out clusters: none of their tasks is mixed in, even when listed."""
-    strategy: str = "proportional"
-    """"weighted" or "proportional" (data/mixture.py): proportional rates are min(n, cap)^(1/temperature)."""
-    cap: int | None = None
-    """Proportional: the task size above which a task gets no larger a rate (FLAN used 3,000)."""
-    temperature: float = 1.0
-    """Proportional: > 1 flattens rates toward equal."""
-    total: int | None = None
-    """Examples in the mixture (None: every rendered example once)."""
-    examples_per_task: int = 100
-    """Examples rendered per task. A fixed example list gives at most len(list) x templates distinct renders, so
-    small tasks are rendered at most that many times (their size for proportional mixing)."""
-    seed: int = 0
-    """Seed for rendering (examples, templates, variants) and for mixing."""
-    render: RenderSpec = field(default_factory=RenderSpec)
-    """Zero-/few-shot and options settings."""
-    yaml_tasks: list[str] = field(default_factory=list)
-    """Extra YAML task files (tasks/yaml_tasks.py), relative paths from the mixture file's folder."""
-
-
-def mixture_sources(cfg: TaskMixtureConfig, bank: TaskBank) -> tuple[dict[str, list[Conversation]], dict[str, float]]:
-    """(task name -> rendered training conversations, task name -> weight) for data/mixture.py's ``mix``."""
-    entries = cfg.tasks or [TaskMixtureEntry(f"cluster:{c}") for c in bank.clusters()]
-    excluded = set(cfg.exclude_clusters)
-    unknown = excluded - set(bank.clusters())
-    if unknown:
-        raise KeyError(f"unknown cluster(s) in exclude_clusters: {sorted(unknown)}; known: {bank.clusters()}")
-    sources: dict[str, list[Conversation]] = {}
-    weights: dict[str, float] = {}
-    for entry in entries:
-        tasks = [t for t in bank.resolve([entry.name]) if t.cluster not in excluded]
-        for t in tasks:
-            if t.name in sources:
-                continue
-            n = entry.examples if entry.examples is not None else cfg.examples_per_task
-            distinct = t.num_distinct()
-            if distinct is not None:  # no more renders than distinct (example, template) pairs
-                n = min(n, distinct) if cfg.render.templates == "all" else min(n, distinct * len(t.templates))
-            sources[t.name] = render_task(t, n, seed=cfg.seed, split="train", spec=cfg.render)
-            weights[t.name] = entry.weight / max(1, len(tasks))
-    if not sources:
-        raise KeyError("the mixture has no tasks left after exclude_clusters")
-    return sources, weights
-
-
-def build_task_mixture(cfg: TaskMixtureConfig, bank: TaskBank | None = None):
-    """Render and mix: returns data/mixture.py's ``Mixture`` (examples, counts, rates, sizes per task)."""
-    from instructkit.data.mixture import mix
-
-    bank = bank or default_bank(cfg.yaml_tasks)
-    sources, weights = mixture_sources(cfg, bank)
-    return mix(sources, strategy=cfg.strategy, weights=weights, total=cfg.total, cap=cfg.cap,
-               temperature=cfg.temperature, seed=cfg.seed)
-
-
-def count_by(examples: Iterable[Conversation], *keys: str) -> dict[tuple, int]:
-    """How many examples per meta value tuple, e.g. count_by(xs, "task", "template")."""
-    out: dict[tuple, int] = {}
-    for c in examples:
-        k = tuple(c.meta.get(key) for key in keys)
-        out[k] = out.get(k, 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: tuple(str(x) for x in kv[0])))

@@ -8,7 +8,7 @@ A "row" is a list of samples. ``collate_rows`` turns a micro-batch of rows into 
 - ``labels`` (B, T): already shifted: ``labels[t]`` is the token at ``t + 1`` when that token is supervised and belongs
   to the same sample, else -100. The last token of a sample never predicts the first token of the next one.
 
-The isolating attention mask is built from ``segment_ids`` by ``block_causal_mask`` (a 4D additive mask, block-diagonal
+The isolating attention mask is built from ``segment_ids`` by models/load.py's ``block_causal_mask`` (a 4D additive mask, block-diagonal
 and causal). We measured on transformers 5.23 / CPU that position_ids alone do NOT isolate packed samples with the sdpa or
 eager attention (only the flash-attention kernels key on position_ids), and that a 4D *boolean* mask is misread by the
 eager path; an additive float mask in the model's dtype is exact for both (tests/test_packing.py checks per-sample losses).
@@ -156,18 +156,3 @@ def collate_rows(rows: list[list[Sample]], pad_id: int) -> dict[str, torch.Tenso
         "n_tokens": torch.tensor(n_tokens),
         "n_supervised": (labels != IGNORE_INDEX).sum(),
     }
-
-
-def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) segment ids -> (B, 1, T, T) additive mask: 0 where query i may attend key j (same sample, j <= i),
-    the dtype's minimum elsewhere. Padding positions (segment -1) attend to themselves only, so no row is all-masked
-    (which would give NaN in softmax); their outputs are never supervised."""
-    T = segment_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-    pad = segment_ids < 0
-    allowed = causal & same & ~(pad[:, :, None] | pad[:, None, :])
-    allowed |= torch.eye(T, dtype=torch.bool, device=segment_ids.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]

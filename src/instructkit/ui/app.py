@@ -139,10 +139,10 @@ def view_data(path: Path, *, tokenizer: str | None, template: str = "auto", fmt:
     out: dict[str, Any] = {"stats": stats.to_dict(), "rejects": rejects, "examples": []}
     renderer = tok = None
     if tokenizer:
-        from instructkit.cli.data import _load_tokenizer, _renderer
+        from instructkit.cli.data import load_tokenizer, make_renderer
 
-        tok = _load_tokenizer(tokenizer)
-        renderer = _renderer(tok, template)
+        tok = load_tokenizer(tokenizer)
+        renderer = make_renderer(tok, template)
     lengths, supervised, truncated, turns = [], [], 0, []
     for ex in examples:
         if isinstance(ex, Conversation):
@@ -161,10 +161,10 @@ def view_data(path: Path, *, tokenizer: str | None, template: str = "auto", fmt:
             out["examples"].append({"kind": "Conversation", "truncated": bool(r.truncated),
                                     "n_tokens": len(r.input_ids), "n_supervised": r.n_supervised,
                                     "tokens": [[p, m] for p, m in zip(pieces, r.loss_mask)]})
-    from instructkit.cli.data import _describe
+    from instructkit.cli.data import describe
 
-    out["format_stats"] = {"format": stats.format, "examples": len(examples), "assistant_turns": _describe(turns),
-                           "tokens": _describe(lengths), "supervised_tokens": _describe(supervised),
+    out["format_stats"] = {"format": stats.format, "examples": len(examples), "assistant_turns": describe(turns),
+                           "tokens": describe(lengths), "supervised_tokens": describe(supervised),
                            "truncated": truncated, "template": renderer.chat_template.name if renderer else None}
     return out
 
