@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from instructkit.data import formats as F
 from instructkit.data.formats import FORMATS, canonical_format, convert_record, detect_format
-from instructkit.data.schema import Conversation, DataError, Message, PreferencePair
+from instructkit.data.schema import Conversation, DataError, Message, PreferencePair, ToolCall
 
 
 def roles(conv):
@@ -67,10 +67,13 @@ def test_sharegpt_roles_and_tools():
             {"from": "assistant", "value": "welcome"},
         ],
     }
-    assert roles(one(rec, "sharegpt")) == [
+    conv = one(rec, "sharegpt")
+    # the function_call turn is an assistant turn that calls the tool (not text to imitate); no arguments = {}
+    assert conv.messages[2].tool_calls == (ToolCall("w", "{}"),)
+    assert roles(conv) == [
         ("system", "sys"),
         ("user", "weather?"),
-        ("assistant", '{"name": "w"}'),
+        ("assistant", ""),
         ("tool", "sunny"),
         ("assistant", "It is sunny."),
         ("user", "thanks"),

@@ -1,6 +1,6 @@
 import pytest
 
-from instructkit.data.schema import Conversation, DataError, Message, PreferencePair, validate_messages
+from instructkit.data.schema import Conversation, DataError, Message, PreferencePair, ToolCall, validate_messages
 
 
 def msgs(*pairs):
@@ -8,7 +8,14 @@ def msgs(*pairs):
 
 
 def test_valid_multi_turn_with_system_and_tool():
-    validate_messages(msgs(("system", "s"), ("user", "u"), ("assistant", "a"), ("tool", "t"), ("assistant", "b")))
+    call = Message("assistant", "a", tool_calls=(ToolCall("f", "{}"),))
+    validate_messages([Message("system", "s"), Message("user", "u"), call, Message("tool", "t"),
+                       Message("assistant", "b")])
+
+
+def test_a_tool_result_needs_the_call_it_answers():
+    with pytest.raises(DataError, match="turn 3: a tool result must follow an assistant turn with tool_calls"):
+        validate_messages(msgs(("system", "s"), ("user", "u"), ("assistant", "a"), ("tool", "t"), ("assistant", "b")))
 
 
 @pytest.mark.parametrize(

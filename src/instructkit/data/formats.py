@@ -33,16 +33,22 @@ oasst_ranked           an oasst trees-export record (one whole tree, nested ``re
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from instructkit.data.schema import (
+    KTO_HINT,
     Conversation,
     DataError,
     Example,
     Message,
     PreferencePair,
+    ToolCall,
+    content_text,
+    parse_tool_calls,
+    parse_tools,
     validate_conversation,
     validate_messages,
     validate_pair,
@@ -106,8 +112,9 @@ def _scalar_meta(record: dict, keys: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def _conversation(messages: list[Message], meta: dict[str, Any] | None = None, *, final: str = "assistant"):
-    conv = Conversation(messages, dict(meta or {}))
+def _conversation(messages: list[Message], meta: dict[str, Any] | None = None, *, final: str = "assistant",
+                  tools: list[dict] | None = None):
+    conv = Conversation(messages, dict(meta or {}), tools)
     validate_conversation(conv, final=final)
     return conv
 
@@ -137,61 +144,115 @@ OPENAI_ROLES = {"developer": "system", "function": "tool"}
 
 
 def _content_text(content: Any, what: str) -> str:
-    """OpenAI content: a string, null, or a list of parts ``[{"type": "text", "text": ...}]`` (text parts joined)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if isinstance(part, str):
-                texts.append(part)
-                continue
-            if not isinstance(part, dict):
-                raise DataError(f"{what}.content[{j}] must be a text part object, got {_typename(part)}")
-            kind = part.get("type", "text")
-            if kind != "text":
-                raise DataError(f"{what}.content[{j}] has type {_short(kind)}; only text parts are supported")
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise DataError(f"{what}.content[{j}].text must be a string, got {_typename(text)}")
-            texts.append(text)
-        return "".join(texts)
-    raise DataError(f"{what}.content must be a string, got {_typename(content)}")
+    """OpenAI content: a string, null, or a list of text parts (see schema.content_text)."""
+    return content_text(content, what)
+
+
+OPENAI_MESSAGE_KEYS = ("role", "content", "reasoning", "reasoning_content", "thinking", "tool_calls", "function_call",
+                       "tool_call_id", "name", "weight", "refusal")
+REASONING_FIELDS = ("reasoning", "reasoning_content", "thinking")
+
+
+def _reasoning_field(m: dict, what: str) -> str | None:
+    """The reasoning of a message from ``reasoning``, ``reasoning_content`` or ``thinking`` (one of them, or equal)."""
+    found = {k: m[k] for k in REASONING_FIELDS if m.get(k) is not None}
+    for k, v in found.items():
+        if not isinstance(v, str):
+            raise DataError(f"{what}.{k} must be a string, got {_typename(v)}")
+    if len(set(found.values())) > 1:
+        raise DataError(f"{what} has different reasoning in {' and '.join(map(repr, found))}: keep one")
+    return next(iter(found.values()), None)
+
+
+def _openai_message(m: Any, what: str) -> Message:
+    """One OpenAI chat-completions message with everything that changes training: reasoning, tool calls (and the
+    legacy ``function_call``), tool_call_id, name (tool results only), weight. Unknown keys are refused."""
+    if not isinstance(m, dict):
+        raise DataError(f"{what} must be an object, got {_typename(m)}")
+    if "role" not in m:
+        raise DataError(f"{what} has no 'role'")
+    for k in m:
+        if k not in OPENAI_MESSAGE_KEYS:
+            raise DataError(f"{what} has an unknown key {_short(k, 40)} (known: {', '.join(OPENAI_MESSAGE_KEYS)})")
+    role = m["role"]
+    if not isinstance(role, str):
+        raise DataError(f"{what}.role must be a string, got {_typename(role)}")
+    if m.get("refusal") is not None:
+        raise DataError(f"{what} has a 'refusal': write the refusal as the message content")
+    calls = parse_tool_calls(m.get("tool_calls"), what)
+    if m.get("function_call") is not None:
+        if calls:
+            raise DataError(f"{what} has both 'tool_calls' and the legacy 'function_call': keep tool_calls")
+        calls = (ToolCall.from_dict(m["function_call"], f"{what}.function_call"),)
+    if "content" not in m and not calls:
+        raise DataError(f"{what} has no 'content'")
+    for k in ("tool_call_id", "name"):
+        if m.get(k) is not None and not isinstance(m[k], str):
+            raise DataError(f"{what}.{k} must be a string, got {_typename(m[k])}")
+    content, reasoning = _content_text(m.get("content"), what), _reasoning_field(m, what)
+    try:
+        return Message(OPENAI_ROLES.get(role, role), content, reasoning=reasoning, tool_calls=calls,
+                       tool_call_id=m.get("tool_call_id"), name=m.get("name"), weight=m.get("weight"))
+    except DataError as e:
+        raise DataError(f"{what}: {e.reason}") from None
 
 
 def _openai_messages(value: Any, what: str) -> list[Message]:
     if not isinstance(value, list):
         raise DataError(f"'{what}' must be a list of {{role, content}} objects, got {_typename(value)}")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise DataError(f"{what}[{i}] must be an object, got {_typename(m)}")
-        if "role" not in m:
-            raise DataError(f"{what}[{i}] has no 'role'")
-        role = m["role"]
-        if not isinstance(role, str):
-            raise DataError(f"{what}[{i}].role must be a string, got {_typename(role)}")
-        if "content" not in m and not m.get("tool_calls"):
-            raise DataError(f"{what}[{i}] has no 'content'")
-        content = _content_text(m.get("content"), f"{what}[{i}]")
-        if not content and m.get("tool_calls") is not None:
-            # An assistant turn that only calls tools: keep the call, as JSON text, so the turn is not empty.
-            import json
+    return [_openai_message(m, f"{what}[{i}]") for i, m in enumerate(value)]
 
-            try:
-                content = json.dumps(m["tool_calls"], ensure_ascii=False, sort_keys=True)
-            except (TypeError, ValueError, RecursionError):
-                raise DataError(f"{what}[{i}].tool_calls cannot be written as JSON") from None
-        out.append(Message(OPENAI_ROLES.get(role, role), content))
-    return out
+
+def normalize_tools(value: Any, what: str = "tools") -> list[dict] | None:
+    """Tool definitions -> the OpenAI shape ``[{"type": "function", "function": {...}}]``: a list (or, as LLaMA-Factory
+    writes it, a JSON string of a list) of OpenAI tools or bare function definitions ``{"name", "description",
+    "parameters"}``. None, "" and [] mean no tools."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise DataError(f"field '{what}' is a string but not JSON: {_short(value)}") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"field '{what}' must be a list of function definitions, got {_typename(value)}")
+    out = []
+    for j, t in enumerate(value):
+        if not isinstance(t, dict):
+            raise DataError(f"{what}[{j}] must be a function definition object, got {_typename(t)}")
+        if "function" in t:
+            if t.get("type", "function") != "function":
+                raise DataError(f"{what}[{j}].type is {_short(t.get('type'))}; only 'function' tools are supported")
+            out.append(t if "type" in t else {"type": "function", **t})
+        else:
+            out.append({"type": "function", "function": t})
+    return parse_tools(out, what)
 
 
 def _sharegpt_messages(value: Any, what: str) -> list[Message]:
     if not isinstance(value, list):
         raise DataError(f"'{what}' must be a list of {{from, value}} objects, got {_typename(value)}")
     return [_sharegpt_message(m, f"{what}[{i}]") for i, m in enumerate(value)]
+
+
+def sharegpt_function_call(text: str, what: str) -> tuple[ToolCall, ...]:
+    """A ShareGPT ``function_call`` turn's value: JSON ``{"name", "arguments"}`` or a list of them."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise DataError(f"{what}: a function_call turn must hold JSON {{\"name\", \"arguments\"}}, got "
+                        f"{_short(text)}") from None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise DataError(f"{what}: a function_call turn holds an empty list")
+    calls = []
+    for j, c in enumerate(items):
+        if not isinstance(c, dict) or "name" not in c:
+            raise DataError(f"{what}: a function_call must be {{\"name\", \"arguments\"}}, got {_short(c)}")
+        calls.append(ToolCall.from_dict({k: v for k, v in c.items()}, f"{what}[{j}]" if len(items) > 1 else what))
+    return tuple(calls)
 
 
 def _sharegpt_message(m: Any, what: str) -> Message:
@@ -214,6 +275,8 @@ def _sharegpt_message(m: Any, what: str) -> Message:
     role = SHAREGPT_ROLES.get(speaker.lower())
     if role is None:
         raise DataError(f"{what}: unknown role {_short(speaker)} (expected one of {', '.join(SHAREGPT_ROLES)})")
+    if speaker.lower() == "function_call":
+        return Message("assistant", "", tool_calls=sharegpt_function_call(text, what))
     return Message(role, text)
 
 
@@ -258,20 +321,41 @@ def from_sharegpt(record: Any) -> list[Example]:
     if "conversations" not in r:
         raise DataError("missing field 'conversations'")
     messages = _with_system(r, _sharegpt_messages(r["conversations"], "conversations"))
-    return [_conversation(messages, _scalar_meta(r, ("id",)))]
+    return [_conversation(messages, _scalar_meta(r, ("id",)), tools=normalize_tools(r.get("tools")))]
+
+
+MESSAGES_RECORD_KEYS = ("messages", "tools", "meta", "id", "parallel_tool_calls")
+
+
+def _refuse_record_keys(r: dict, known: Iterable[str]) -> None:
+    """Keys that would change training but that an SFT reader cannot use are refused, named."""
+    for key in ("label", "kto_tag"):
+        if key in r:
+            raise DataError(f"field '{key}' marks the completion desirable or not{KTO_HINT}; as SFT data its "
+                            "undesirable answers would be trained on")
+    if "functions" in r:
+        raise DataError("field 'functions' (the legacy OpenAI function definitions) is not read: convert it to "
+                        "'tools': [{\"type\": \"function\", \"function\": <definition>}, ...]")
+    known = tuple(known)
+    for k in r:
+        if k not in known:
+            raise DataError(f"unknown field {_short(k, 40)} (known: {', '.join(known)})")
 
 
 def from_messages(record: Any) -> list[Example]:
+    """OpenAI chat-completions (fine-tuning) records: ``messages`` with reasoning, tool calls, tool results and
+    weights, a ``tools`` list, ``meta``, ``id``, ``parallel_tool_calls`` (kept in meta). Other keys are refused."""
     r = _require_object(record, "messages")
     if "messages" not in r:
         raise DataError("missing field 'messages'")
+    _refuse_record_keys(r, MESSAGES_RECORD_KEYS)
     messages = _openai_messages(r["messages"], "messages")
     meta = r.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise DataError(f"field 'meta' must be an object, got {_typename(meta)}")
     out_meta = dict(meta or {})
-    out_meta.update(_scalar_meta(r, ("id",)))
-    return [_conversation(messages, out_meta)]
+    out_meta.update(_scalar_meta(r, ("id", "parallel_tool_calls")))
+    return [_conversation(messages, out_meta, tools=normalize_tools(r.get("tools")))]
 
 
 def from_ultrachat(record: Any) -> list[Example]:
@@ -300,9 +384,13 @@ def from_prompt_completion(record: Any) -> list[Example]:
     for key in ("prompt", "completion"):
         if key not in r:
             raise DataError(f"missing field '{key}'")
+    for key in ("label", "kto_tag"):
+        if key in r:
+            raise DataError(f"field '{key}' marks the completion desirable or not{KTO_HINT}; as SFT data its "
+                            "undesirable answers would be trained on")
     prompt = _text_or_messages(r["prompt"], "prompt", "user")
     completion = _text_or_messages(r["completion"], "completion", "assistant")
-    return [_conversation(prompt + completion, _scalar_meta(r, ("id",)))]
+    return [_conversation(prompt + completion, _scalar_meta(r, ("id",)), tools=normalize_tools(r.get("tools")))]
 
 
 def from_prompt_only(record: Any) -> list[Example]:
@@ -381,8 +469,8 @@ def _margin(r: dict) -> float | None:
     return float(m)
 
 
-def _pair(prompt, chosen, rejected, meta, margin=None) -> PreferencePair:
-    pair = PreferencePair(prompt, chosen, rejected, dict(meta), margin)
+def _pair(prompt, chosen, rejected, meta, margin=None, tools=None) -> PreferencePair:
+    pair = PreferencePair(prompt, chosen, rejected, dict(meta), margin, tools)
     validate_pair(pair)
     return pair
 
@@ -415,7 +503,7 @@ def from_preference(record: Any) -> list[Example]:
                 rejected = side
     meta = r.get("meta") if isinstance(r.get("meta"), dict) else {}
     meta = dict(meta, **_scalar_meta(r, ("id",)))
-    return [_pair(prompt, chosen, rejected, meta, _margin(r))]
+    return [_pair(prompt, chosen, rejected, meta, _margin(r), normalize_tools(r.get("tools")))]
 
 
 def from_sharegpt_preference(record: Any) -> list[Example]:
@@ -434,7 +522,7 @@ def from_sharegpt_preference(record: Any) -> list[Example]:
             sides.append(_sharegpt_messages(v, key))
         else:
             raise DataError(f"field '{key}' must be a {{from, value}} object, got {_typename(v)}")
-    return [_pair(prompt, sides[0], sides[1], _scalar_meta(r, ("id",)), _margin(r))]
+    return [_pair(prompt, sides[0], sides[1], _scalar_meta(r, ("id",)), _margin(r), normalize_tools(r.get("tools")))]
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
