@@ -16,7 +16,7 @@ import torch
 openai = pytest.importorskip("openai")
 
 from instructkit.generation.engine import Engine  # noqa: E402
-from instructkit.generation.parsing import parse_tool_calls, split_reasoning  # noqa: E402
+from instructkit.chat.parse import parse_tool_calls, split_reasoning  # noqa: E402
 from instructkit.generation.server import OpenAIServer  # noqa: E402
 
 TEMPLATE = (
@@ -150,19 +150,19 @@ def test_tool_requests_the_server_cannot_honour_are_400(client, tiny_model_dir):
 
 def test_parsers_on_each_format():
     names = TOOLS
-    assert split_reasoning("<think>a\n</think>\n\nb", opened=False) == ("a", "b")
-    assert split_reasoning("a</think>b", opened=True) == ("a", "b")  # the prompt opened the block (DeepSeek-R1)
-    assert split_reasoning("<think>a, cut by max_tokens", opened=False) == ("a, cut by max_tokens", "")
-    assert split_reasoning("no tags", opened=False) == (None, "no tags")
-    assert split_reasoning("<think>abc</thi", opened=False, final=False) == ("abc", "")
+    assert split_reasoning("<think>a\n</think>\n\nb", prompt_opened_think=False) == ("a", "b")
+    assert split_reasoning("a</think>b", prompt_opened_think=True) == ("a", "b")  # the prompt opened it (R1)
+    assert split_reasoning("<think>a, cut by max_tokens", prompt_opened_think=False) == ("a, cut by max_tokens", "")
+    assert split_reasoning("no tags", prompt_opened_think=False) == (None, "no tags")
+    assert split_reasoning("<think>abc</thi", prompt_opened_think=False, final=False) == ("abc", "")
     content, calls = parse_tool_calls('Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "A"}}'
                                       '</tool_call><tool_call>{"name": "get_weather", "arguments": {"city": "B"}}'
-                                      "</tool_call>", names)
+                                      "</tool_call>", tools=names)
     assert content == "Sure." and [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["A", "B"]
-    _, calls = parse_tool_calls('<|python_tag|>{"name": "get_weather", "parameters": {"city": "C"}}', names)
+    _, calls = parse_tool_calls('<|python_tag|>{"name": "get_weather", "parameters": {"city": "C"}}', tools=names)
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "C"}  # Llama 3.1
-    _, calls = parse_tool_calls('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "D"}}]', names)
+    _, calls = parse_tool_calls('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "D"}}]', tools=names)
     assert calls[0]["function"]["name"] == "get_weather"  # Mistral
     for text in ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',  # not an offered function
                  "<tool_call>{not json}</tool_call>", '{"name": "get_weather", "arguments": "not an object"}'):
-        assert parse_tool_calls(text, names) == (text, [])
+        assert parse_tool_calls(text, tools=names) == (text, [])

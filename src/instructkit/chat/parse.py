@@ -6,7 +6,10 @@ The inverse of what chat/render.py trains, for the engine and the OpenAI-compati
 - Hermes / Qwen: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, any number of them;
 - Mistral: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`` (v3) or ``[TOOL_CALLS]name[ARGS]{...}`` (v11+);
 - Llama 3.1 / 3.2 / 3.3: the whole answer is one JSON object ``{"name": ..., "parameters": {...}}`` (optionally after
-  ``<|python_tag|>``), with a name among the request's tools when tools are given.
+  ``<|python_tag|>``).
+
+A call counts only when its arguments are a JSON object and, when the request offered tools, it names one of them;
+otherwise the whole text stays content: nothing is invented.
 
 Reasoning: ``<think>...</think>`` at the start of the text, or, when the generation prompt already opened the block
 (DeepSeek-R1-Distill, QwQ: ``prompt_opened_think=True``), everything up to the first ``</think>``. Text that does not
@@ -35,11 +38,17 @@ class ParsedMessage:
     """``[{"id", "type": "function", "function": {"name", "arguments": JSON text}}]``."""
 
 
-def _call(name: str, arguments: Any) -> dict[str, Any]:
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
+def _call(name: Any, arguments: Any, tools: list[dict] | None) -> dict[str, Any] | None:
+    """The OpenAI-shaped call, or None when it is not one: arguments that are not a JSON object (or its text), or a
+    name the request did not offer (when it offered tools)."""
+    if isinstance(arguments, str):
+        arguments = _json(arguments)
+    if not isinstance(name, str) or not isinstance(arguments, dict):
+        return None
+    if tools and name not in {(t.get("function") or t).get("name") for t in tools if isinstance(t, dict)}:
+        return None
     return {"id": "call_" + secrets.token_hex(12), "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
 
 
 def _json(text: str) -> Any:
@@ -49,9 +58,10 @@ def _json(text: str) -> Any:
         return None
 
 
-def split_reasoning(text: str, prompt_opened_think: bool = False) -> tuple[str | None, str]:
+def split_reasoning(text: str, prompt_opened_think: bool = False, final: bool = True) -> tuple[str | None, str]:
     """(reasoning, rest) of a generated text: a leading <think>...</think> block (or, after a prompt that opened it,
-    everything up to </think>); (None, text) when there is none."""
+    everything up to </think>); (None, text) when there is none. With ``final`` False (a stream in progress), a
+    trailing partial ``</think>`` is held back, so neither side ever shrinks as more text arrives."""
     stripped = text.lstrip()
     if stripped.startswith("<think>"):
         body = stripped[len("<think>"):]
@@ -59,10 +69,16 @@ def split_reasoning(text: str, prompt_opened_think: bool = False) -> tuple[str |
         body = text
     else:
         return None, text
-    if "</think>" not in body:
-        return body.strip("\n"), ""  # cut off inside its reasoning (length limit): all of it is reasoning
-    reasoning, rest = body.split("</think>", 1)
-    return reasoning.strip("\n"), rest.lstrip("\n")
+    if "</think>" in body:
+        reasoning, rest = body.split("</think>", 1)
+        return reasoning.strip("\n"), rest.lstrip("\n")
+    if not final:  # hold back what may become "</think>"
+        for k in range(min(len("</think>") - 1, len(body)), 0, -1):
+            if body.endswith("</think>"[:k]):
+                body = body[:-k]
+                break
+        return body.lstrip("\n"), ""
+    return body.strip("\n"), ""  # cut off inside its reasoning (length limit): all of it is reasoning
 
 
 def _format_of(template: Any) -> str | None:
@@ -81,7 +97,8 @@ def _format_of(template: Any) -> str | None:
 def parse_tool_calls(text: str, template: Any = None, tools: list[dict] | None = None
                      ) -> tuple[str, list[dict[str, Any]]]:
     """(content without the calls, tool calls in the OpenAI shape) of a generated text; ``template`` (a ChatTemplate
-    or Jinja source) picks the format, ``tools`` (the request's definitions) guards the bare-JSON Llama format."""
+    or Jinja source) picks the format (all are tried without it), ``tools`` (the request's definitions): only calls of
+    these functions count."""
     fmt = _format_of(template)
     formats = [fmt] if fmt else ["hermes", "mistral", "llama3"]
     for f in formats:
@@ -95,9 +112,10 @@ def _hermes(text: str, tools) -> tuple[str, list[dict]]:
     calls = []
     for m in _HERMES.finditer(text):
         obj = _json(m.group(1))
-        if not isinstance(obj, dict) or "name" not in obj:
+        call = _call(obj.get("name"), obj.get("arguments", {}), tools) if isinstance(obj, dict) else None
+        if call is None:
             return text, []  # a malformed call: leave the text as it is rather than guess
-        calls.append(_call(obj["name"], obj.get("arguments", {})))
+        calls.append(call)
     return (_HERMES.sub("", text).strip(), calls) if calls else (text, [])
 
 
@@ -106,14 +124,16 @@ def _mistral(text: str, tools) -> tuple[str, list[dict]]:
         return text, []
     head, tail = text.split("[TOOL_CALLS]", 1)
     obj = _json(tail.strip().split("</s>")[0])
-    if isinstance(obj, list) and all(isinstance(c, dict) and "name" in c for c in obj):
-        return head.strip(), [_call(c["name"], c.get("arguments", {})) for c in obj]
+    if isinstance(obj, (list, dict)):
+        calls = [_call(c.get("name"), c.get("arguments", {}), tools) if isinstance(c, dict) else None
+                 for c in (obj if isinstance(obj, list) else [obj])]
+        return (head.strip(), calls) if calls and all(calls) else (text, [])
     calls = []
     for m in _MISTRAL_V11.finditer("[TOOL_CALLS]" + tail):
-        args = _json(m.group(2).strip())
-        if args is None:
+        call = _call(m.group(1), _json(m.group(2).strip()), tools)
+        if call is None:
             return text, []
-        calls.append(_call(m.group(1), args))
+        calls.append(call)
     return (head.strip(), calls) if calls else (text, [])
 
 
@@ -122,12 +142,10 @@ def _llama3(text: str, tools) -> tuple[str, list[dict]]:
     if body.startswith("<|python_tag|>"):
         body = body[len("<|python_tag|>"):].strip()
     obj = _json(body)
-    if not (isinstance(obj, dict) and isinstance(obj.get("name"), str) and ("parameters" in obj or "arguments" in obj)):
+    if not (isinstance(obj, dict) and ("parameters" in obj or "arguments" in obj)):
         return text, []
-    names = {t.get("function", t).get("name") for t in tools or []}
-    if tools and obj["name"] not in names:
-        return text, []
-    return "", [_call(obj["name"], obj.get("parameters", obj.get("arguments", {})))]
+    call = _call(obj.get("name"), obj.get("parameters", obj.get("arguments")), tools)
+    return ("", [call]) if call else (text, [])
 
 
 _PARSERS = {"hermes": _hermes, "mistral": _mistral, "llama3": _llama3}

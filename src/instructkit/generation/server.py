@@ -466,22 +466,23 @@ class OpenAIServer:
         source = self.engine.chat_template_source or ""
         think = "</think>" in source
         tail = self.engine.tokenizer.decode(ids[-8:], skip_special_tokens=False) if think else ""
-        read = {"tools": tools, "think": think, "opened": think and tail.rstrip().endswith("<think>")}
+        read = {"tools": tools, "think": think, "opened": think and tail.rstrip().endswith("<think>"),
+                "template": source}
         return ids, params, n, read
 
     @staticmethod
     def chat_message(text: str, finish_reason: str, read: dict) -> tuple[dict, str]:
-        """The assistant message of a finished reply: reasoning split off, tool calls parsed (generation/parsing.py)."""
-        from instructkit.generation.parsing import parse_tool_calls, split_reasoning
+        """The assistant message of a finished reply: reasoning split off, tool calls parsed (chat/parse.py)."""
+        from instructkit.chat.parse import parse_tool_calls, split_reasoning
 
         reasoning, content = split_reasoning(text, read["opened"]) if read["think"] else (None, text)
         msg: dict[str, Any] = {"role": "assistant", "content": content}
         if reasoning is not None:
             msg["reasoning_content"] = reasoning
         if read["tools"]:
-            rest, calls = parse_tool_calls(content, read["tools"])
+            rest, calls = parse_tool_calls(content, read.get("template"), read["tools"])
             if calls:
-                msg["content"], msg["tool_calls"] = rest, calls
+                msg["content"], msg["tool_calls"] = rest or None, calls  # null content when only calls were said
                 if finish_reason == "stop":
                     finish_reason = "tool_calls"
         return msg, finish_reason
@@ -881,7 +882,7 @@ class _ChatDeltas:
         self.sent_content = [0] * rows
 
     def delta(self, j: int, piece: str) -> dict:
-        from instructkit.generation.parsing import split_reasoning
+        from instructkit.chat.parse import split_reasoning
 
         self.text[j] += piece
         if self.read.get("think"):
