@@ -48,7 +48,8 @@ def test_saved_rm_loads_with_plain_transformers_and_matches_our_scores(trained_r
 
     from instructkit.chat.render import Renderer
     from instructkit.models.value_head import NORM_KEY, load_reward_model, sequence_scores
-    from instructkit.rl.rollout import encode_response, prompt_response_batch
+    from instructkit.data.preference import encode_response
+    from instructkit.rl.rollout import prompt_response_batch
     from instructkit.data.schema import Message
 
     model_dir = trained_rm / "model"
@@ -78,7 +79,7 @@ def test_normalisation_centres_training_rewards(trained_rm, pref_data):
     from instructkit.data.io import read_pairs
     from instructkit.models.value_head import load_reward_model
     from instructkit.recipes.reward_model import pair_batch, pair_scores
-    from instructkit.rl.rollout import encode_pairs
+    from instructkit.data.preference import encode_pairs
 
     model, tok, (mean, std) = load_reward_model(trained_rm / "model")
     items, _ = encode_pairs(Renderer(tok), read_pairs(pref_data[0]), 64)

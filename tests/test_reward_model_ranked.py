@@ -168,7 +168,7 @@ def test_bad_records_in_a_file_are_located_and_skippable(tmp_path):
 def test_ranked_file_converts_validates_and_trains_dpo(tmp_path):
     """Pairs of a ranked file are ordinary PreferencePairs: `data validate`/`convert` take them, the internal JSONL
     keeps their group (so the reward model regroups them after conversion), and DPO trains on them."""
-    from instructkit.rl.rollout import group_pairs
+    from instructkit.data.preference import group_pairs
 
     src = write_lines(tmp_path / "ranked.jsonl", ranked_records(6, 3))
     assert cli(["data", "validate", str(src)]) == 0
@@ -233,7 +233,7 @@ def test_pairs_regroup_and_each_response_is_one_row(tiny_tokenizer):
     from instructkit.chat.render import Renderer
     from instructkit.data.schema import PreferencePair
     from instructkit.recipes.reward_model import group_batch
-    from instructkit.rl.rollout import encode_groups, encode_response, group_pairs
+    from instructkit.data.preference import encode_groups, encode_response, group_pairs
 
     ranked = convert_record({"prompt": "q", "responses": ["r0", "r1", "r2", "r3"]}, "ranked")
     plain = [PreferencePair([Message("user", "p")], [Message("assistant", c)], [Message("assistant", r)])
@@ -290,7 +290,7 @@ def softplus(x):  # -log sigmoid(-x) = log(1 + e^x)
 
 def fake_groups(sizes_and_pairs):
     """EncodedGroups with distinct dummy token ids: [(K, pairs), ...]."""
-    from instructkit.rl.rollout import EncodedGroup
+    from instructkit.data.preference import EncodedGroup
 
     return [EncodedGroup([1, 2], [[10 + gi, 20 + j] for j in range(k)], list(pairs), [0.0] * len(pairs))
             for gi, (k, pairs) in enumerate(sizes_and_pairs)]
@@ -373,7 +373,7 @@ def test_grad_accumulation_over_groups_is_exact(tiny_model_dir, tiny_tokenizer):
     from instructkit.chat.render import Renderer
     from instructkit.models.value_head import load_sequence_classifier
     from instructkit.recipes.reward_model import group_batch, micro_batch_loss
-    from instructkit.rl.rollout import encode_groups, group_pairs
+    from instructkit.data.preference import encode_groups, group_pairs
     from instructkit.training.loop import optimizer_step
 
     pairs = convert_record(ranked_records(1, 5)[0], "ranked") + convert_record(
@@ -460,7 +460,8 @@ def test_trained_ranker_scores_by_the_rule(ranking_run):
     """The saved model (plain transformers) scores responses by their count of MARK, on new text."""
     from instructkit.chat.render import Renderer
     from instructkit.models.value_head import load_reward_model, sequence_scores
-    from instructkit.rl.rollout import encode_response, prompt_response_batch
+    from instructkit.data.preference import encode_response
+    from instructkit.rl.rollout import prompt_response_batch
 
     model, tok, _ = load_reward_model(ranking_run / "model")
     renderer = Renderer(tok)

@@ -104,7 +104,8 @@ def reward_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[
 
     from instructkit.chat.render import Renderer
     from instructkit.models.value_head import sequence_scores
-    from instructkit.rl.rollout import encode_response, prompt_response_batch
+    from instructkit.data.preference import encode_response
+    from instructkit.rl.rollout import prompt_response_batch
 
     renderer = Renderer(tokenizer, template=template)
     encoded = []

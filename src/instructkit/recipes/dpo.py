@@ -22,9 +22,11 @@ from typing import Any
 import torch
 
 from instructkit.config import DPOConfig, to_dict
+from instructkit.data.preference import EncodedPair, encode_pairs
+from instructkit.data.sources import read_sources, split_validation
 from instructkit.losses import dpo_loss
 from instructkit.models.value_head import response_logprobs
-from instructkit.rl.rollout import EncodedPair, encode_pairs, prompt_response_batch, read_sources, split_validation
+from instructkit.rl.rollout import prompt_response_batch
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ def write_synthetic_data(cfg: InstructGPTConfig, data_dir: Path) -> dict[str, Pa
     `synthetic_prompts` (first user turn, cut to SYNTHETIC_PROMPT_CHARS characters, duplicates dropped)."""
     from instructkit.data.io import read_examples, write_jsonl
     from instructkit.data.schema import Conversation, Message, PreferencePair
-    from instructkit.rl.rollout import prompt_messages_of
+    from instructkit.data.sources import prompt_messages_of
 
     texts: list[str] = []
     for ex in read_examples(cfg.synthetic_prompts):
@@ -146,7 +146,7 @@ def plain_model_dir(model_dir: Path, merged_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 def load_heldout_prompts(cfg: InstructGPTConfig, run_dir: Path, synthetic_heldout: Path | None) -> list[list[dict]]:
     from instructkit.config import DataConfig
-    from instructkit.rl.rollout import prompt_messages_of, read_sources
+    from instructkit.data.sources import prompt_messages_of, read_sources
 
     sources = [DataSource(path=str(synthetic_heldout))] if synthetic_heldout else cfg.eval_prompts
     if synthetic_heldout is None and cfg.eval_offset:  # read the offset too, then drop it

@@ -28,13 +28,14 @@ import torch
 from torch import nn
 
 from instructkit.config import ConfigError, PPOConfig, to_dict
+from instructkit.data.sources import prompt_messages_of, read_sources
 from instructkit.losses import (entropy_from_logits, entropy_from_logprobs, ppo_policy_loss, ppo_value_loss,
                                 sft_loss)
 from instructkit.models.value_head import (ValueHead, gather_logprobs, load_reward_model, load_sequence_classifier,
                                            response_logits, sequence_scores, token_scores)
 from instructkit.rl.advantage import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards,
                                       masked_whiten, penalize_missing_eos)
-from instructkit.rl.rollout import Trajectory, load_reward_function, make_rollout_batch, prompt_messages_of, read_sources
+from instructkit.rl.rollout import Trajectory, load_reward_function, make_rollout_batch
 
 log = logging.getLogger(__name__)
 

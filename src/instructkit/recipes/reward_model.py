@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from instructkit.config import RewardModelConfig, to_dict
+from instructkit.data.preference import EncodedGroup, EncodedPair, encode_groups, group_pairs
+from instructkit.data.sources import split_validation
 from instructkit.losses import pairwise_reward_loss
 from instructkit.models.value_head import backbone_and_score, load_sequence_classifier, save_reward_model, \
     sequence_scores
-from instructkit.rl.rollout import EncodedGroup, EncodedPair, encode_groups, group_pairs, prompt_response_batch, \
-    split_validation
+from instructkit.rl.rollout import prompt_response_batch
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
     pad_id = tok.pad_token_id
 
     # -- data
-    from instructkit.rl.rollout import read_sources
+    from instructkit.data.sources import read_sources
 
     pairs, read_stats = read_sources(cfg.data, cfg.data.sources, run_dir, expect="preference")
     train_groups, val_groups, vstats = split_groups(pairs, cfg.data, run_dir)
