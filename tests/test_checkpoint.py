@@ -1,4 +1,4 @@
-"""training/checkpoint.py: atomic saves (R2), exact resume after SIGKILL (R1), drift refused (R3), no pickle (S1)."""
+"""training/checkpoint.py: atomic saves, exact resume after SIGKILL, drift refused, no pickle."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_crafted_pickle_is_refused_without_side_effect(tiny_model_dir, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# R1: SIGKILL mid-run, resume, compare with an uninterrupted run (through the CLI, in subprocesses)
+# SIGKILL mid-run, resume, compare with an uninterrupted run (through the CLI, in subprocesses)
 # ---------------------------------------------------------------------------------------------------------------------
 def _kill_after(cfg_path: Path, run_dir: Path, step: int) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "instructkit", "sft", "--config", str(cfg_path)], env=env(),

@@ -179,7 +179,7 @@ def test_adapter_flag_on_full_model_and_pickled_adapter_are_exit_2(lora_run, tin
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     shutil.copy(lora_run / "final/adapter_config.json", pickled)
-    (pickled / "adapter_model.bin").write_bytes(b"not loaded")  # S1: refused before anything reads it
+    (pickled / "adapter_model.bin").write_bytes(b"not loaded")  # a pickle: refused before anything reads it
     assert cli_main(["export", "--model", str(pickled), "--out", str(tmp_path / "o2")]) == 2
     assert "pickled adapter_model.bin is refused" in capsys.readouterr().err
 

@@ -175,7 +175,7 @@ def test_yaml_task_errors_name_the_problem(tmp_path, body, match):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# property tests (R9): arbitrary templates and values render or raise DataError, nothing else
+# property tests: arbitrary templates and values render or raise DataError, nothing else
 # ---------------------------------------------------------------------------------------------------------------------
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -1,4 +1,4 @@
-"""Adapters: every source format -> schema, detection, precise errors, and property tests (R7, R9)."""
+"""Adapters: every source format -> schema, detection, precise errors, and property tests."""
 
 import json
 
@@ -318,7 +318,7 @@ def test_oasst_orphans_and_role_clashes_are_rejected_with_subtrees():
     }
 
 
-# ---- property tests (R9): anything JSON -> DataError or a valid example, never another exception ----------------
+# ---- property tests: anything JSON -> DataError or a valid example, never another exception ----------------
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=50),

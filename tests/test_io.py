@@ -1,4 +1,4 @@
-"""Files: containers, streaming, locations, strict and skip modes (R7), the real data files with exact counts."""
+"""Files: containers, streaming, locations, strict and skip modes, the real data files with exact counts."""
 
 import gzip
 import json
@@ -312,7 +312,7 @@ def test_real_ifeval_prompts(shared_data):
     assert ex[0].meta["key"] == 1000 and ex[0].messages[0].role == "user"
 
 
-# ---- property test at the file level (R9): arbitrary bytes or JSON in any container -> only DataError ----------
+# ---- property test at the file level: arbitrary bytes or JSON in any container -> only DataError ----------
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),

@@ -1,7 +1,8 @@
 """The template linter and the `instructkit template` commands.
 
-Every built-in template passes with its stand-in tokenizer; each defect the linter exists for (PEERS complaints 1-3,
-5, 14; RELIABILITY S3) is planted in a small template and must be reported, with a non-zero exit code.
+Every built-in template passes with its stand-in tokenizer; each defect the linter exists for (empty
+masks, an untrained end of turn, pad == eos, double BOS, control-token injection) is planted in a small template and
+must be reported, with a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ HEADER = "<|im_start|>{{ m.role }}\n"
 GEN = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 
 # Answers are never closed: the end-of-turn appears only before the next header (emitted by the generation prompt
-# and by the next user turn), so the model would never learn to stop (PEERS complaint 2).
+# and by the next user turn), so the model would never learn to stop.
 NO_EOT_IN_ANSWER = (
     "{% for m in messages %}{% if not loop.first %}<|im_end|>\n{% endif %}" + HEADER + "{{ m.content }}{% endfor %}"
     "{% if add_generation_prompt %}<|im_end|>\n<|im_start|>assistant\n{% endif %}"

@@ -1,5 +1,5 @@
 """training/loop.py and losses.sft_loss: schedule values, output layer only at supervised positions, exact gradient
-accumulation (R4), the non-finite guard (R5), empty supervision (R6), step plans over ranks."""
+accumulation, the non-finite guard, empty supervision, step plans over ranks."""
 
 from __future__ import annotations
 

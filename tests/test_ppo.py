@@ -119,7 +119,7 @@ def test_reward_model_scores_with_a_separate_critic(prompts, tmp_path):
 
 
 def test_ppo_resume_equals_uninterrupted(prompts, tmp_path):
-    """R1: resume from the iteration-2 checkpoint of a 4-iteration run: same metrics and same final weights."""
+    """Resume from the iteration-2 checkpoint of a 4-iteration run: same metrics and same final weights."""
     from safetensors.torch import load_file
 
     common = ("train.max_steps=4", "max_new_tokens=4", "ppo_epochs=2", "train.save_every=2", "adaptive_kl=true",

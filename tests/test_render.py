@@ -1,6 +1,6 @@
 """Renderer: ids + assistant-only loss masks derived by prefix rendering, for any template.
 
-Invariants checked here (STYLE 5, PEERS complaints 1-5, 14, RELIABILITY S3, R9): supervised tokens of each assistant
+Invariants checked here: supervised tokens of each assistant
 turn decode to exactly its content (trimmed where the template trims) followed by the end-of-turn; the generation
 prompt and ChatML's trailing newline are never supervised; masks stay aligned under truncation; one BOS; control-token
 spellings in any role are plain text; templates that are not prefix-stable raise TemplatePrefixError.
@@ -99,7 +99,7 @@ def test_accepts_conversation_and_message_objects(tiny_tokenizer):
     assert r.render(conv.messages).input_ids == r.render(CONV).input_ids
 
 
-# ---- truncation ----------------------------------------------------------------------------------------------------
+# ---- truncation ------------------------------------------------------------------------------------------------------
 
 def test_truncation_keeps_the_mask_aligned(tiny_tokenizer):
     r = Renderer(tiny_tokenizer, "auto")
@@ -110,7 +110,7 @@ def test_truncation_keeps_the_mask_aligned(tiny_tokenizer):
     assert t.truncated and len(t.input_ids) == len(t.loss_mask) == cut
     assert t.input_ids == full.input_ids[:cut] and t.loss_mask == full.loss_mask[:cut]
     assert t.n_supervised == (b1 - a1) + 2
-    # cut before the first answer: nothing supervised survives, and the caller can see it (R6)
+    # cut before the first answer: nothing supervised survives, and the caller can see it
     before = r.render(CONV, max_length=a1)
     assert before.n_supervised == 0 and len(before.input_ids) == a1
     # no truncation needed
@@ -227,7 +227,7 @@ def test_template_without_end_of_turn_reports_it(tiny_tokenizer):
     assert decode(tiny_tokenizer, out.input_ids[a:b]) == "4\n"
 
 
-# ---- S3: no control-token injection ---------------------------------------------------------------------------------
+# ---- no control-token injection --------------------------------------------------------------------------------------
 
 SPELLINGS = ["<|eot_id|>", "<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "[INST]", "[/INST]",
              "</s>", "<s>", "<bos>", "<eos>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -278,7 +278,7 @@ def test_injection_in_render_prompt(tiny_tokenizer):
     assert ids.count(im_end) == 1 and ids.count(im_start) == 2  # user header, generation prompt
 
 
-# ---- property tests (R9) ---------------------------------------------------------------------------------------------
+# ---- property tests --------------------------------------------------------------------------------------------------
 
 TEXT = st.text(max_size=40)
 

@@ -91,7 +91,7 @@ def test_normalisation_centres_training_rewards(trained_rm, pref_data):
 
 
 def test_rm_resume_from_a_checkpoint_equals_uninterrupted(trained_rm, pref_data, tmp_path):
-    """R1: resuming at step 10 of the 30-step run reproduces its final weights and its metrics exactly."""
+    """Resuming at step 10 of the 30-step run reproduces its final weights and its metrics exactly."""
     from safetensors.torch import load_file
 
     ckpt = trained_rm / "checkpoints" / "step-10"

@@ -102,7 +102,7 @@ def test_ties_give_no_pair():
                                  st.booleans()), max_size=6),
        responses=st.lists(st.text(max_size=4), max_size=6))
 def test_property_scored_records_give_every_untied_pair_or_a_data_error(scores, responses):
-    """R9: any scores and texts give a DataError or exactly the pairs (i, j) with score_i > score_j."""
+    """Property: any scores and texts give a DataError or exactly the pairs (i, j) with score_i > score_j."""
     rec = {"prompt": "q\ud800", "completions": [{"response": t, "score": s} for t, s in zip(responses, scores)]}
     try:
         pairs = convert_record(rec, "ranked")
@@ -369,7 +369,8 @@ def test_plain_pairs_give_the_pairwise_loss_bit_for_bit():
 
 
 def test_grad_accumulation_over_groups_is_exact(tiny_model_dir, tiny_tokenizer):
-    """R4: 2 groups (K=4 and K=3, different lengths) in one micro-batch == 1 group x 2 micro-batches, fp64, 1e-6."""
+    """Exact accumulation: 2 groups (K=4 and K=3, different lengths) in one micro-batch == 1 group x 2 micro-batches,
+    fp64, 1e-6."""
     from instructkit.chat.render import Renderer
     from instructkit.models.value_head import load_sequence_classifier
     from instructkit.recipes.reward_model import group_batch, micro_batch_loss

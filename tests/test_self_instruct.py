@@ -349,7 +349,7 @@ def test_end_to_end_through_instructkit_serve_then_sft(tiny_model_dir, tmp_path,
     rep = _check_accounting(run_dir)
     assert rep["model"] == "tiny" and rep["exported"] > 0
     assert "POST /v1/completions" in server_err  # it really went through the server
-    for f in run_dir.iterdir():  # S5: the key is nowhere in the outputs
+    for f in run_dir.iterdir():  # the key is nowhere in the outputs
         assert key not in f.read_text(errors="replace"), f
     assert key not in captured.out + captured.err + server_err
     _sft_steps(tmp_path, tiny_model_dir, run_dir / "data.jsonl", "served", capsys)

@@ -151,7 +151,7 @@ def test_tool_requests_the_server_cannot_honour_are_400(client, tiny_model_dir):
 def test_parsers_on_each_format():
     names = TOOLS
     assert split_reasoning("<think>a\n</think>\n\nb", prompt_opened_think=False) == ("a", "b")
-    assert split_reasoning("a</think>b", prompt_opened_think=True) == ("a", "b")  # the prompt opened it (R1)
+    assert split_reasoning("a</think>b", prompt_opened_think=True) == ("a", "b")  # the prompt opened it
     assert split_reasoning("<think>a, cut by max_tokens", prompt_opened_think=False) == ("a, cut by max_tokens", "")
     assert split_reasoning("no tags", prompt_opened_think=False) == (None, "no tags")
     assert split_reasoning("<think>abc</thi", prompt_opened_think=False, final=False) == ("abc", "")

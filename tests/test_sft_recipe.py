@@ -1,5 +1,5 @@
 """The SFT recipe through the CLI: full, LoRA and QLoRA for a few steps on data the model can memorise; outputs load
-with plain transformers / peft; checkpoints reload to identical logits; non-finite stop; 2-process DDP (D2)."""
+with plain transformers / peft; checkpoints reload to identical logits; non-finite stop; 2-process DDP."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def test_truncated_examples_are_dropped_with_a_count(tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    """D2: 2 CPU processes (gloo, started by torchrun) x grad_accum 1 == 1 process x grad_accum 2, same global batch."""
+    """2 CPU processes (gloo, started by torchrun) x grad_accum 1 == 1 process x grad_accum 2, same global batch."""
     common = {"max_steps": 6, "micro_batch_size": 2, "eval_every": 3}
     single = write_config(tmp_path, "single", train={**common, "grad_accum": 2})
     multi = write_config(tmp_path, "multi", train={**common, "grad_accum": 1})

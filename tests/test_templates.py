@@ -155,7 +155,7 @@ def test_alpaca_matches_stanford_prompt_string():
     assert r.end_of_turn == tok.eos_token == "</s>"
 
 
-# ---- sandbox (S2) ----------------------------------------------------------------------------------------------------
+# ---- sandbox -------------------------------------------------------------------------------------------------------
 
 PAYLOAD = "{{ cycler.__init__.__globals__.os.popen('id').read() }}"
 
@@ -255,7 +255,7 @@ def test_prepare_tokenizer_adds_missing_tokens_and_sets_the_template(tiny_model_
         assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
     assert tok.chat_template == BUILTIN_TEMPLATES["llama3"].source
     assert prepare_tokenizer(tok, "llama3") == 0  # idempotent
-    # the saved tokenizer carries the training template (PEERS complaint 6) and renders the same
+    # the saved tokenizer carries the training template and renders the same
     tok.save_pretrained(tmp_path / "saved")
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
     assert reloaded.chat_template == BUILTIN_TEMPLATES["llama3"].source

@@ -1,4 +1,4 @@
-"""The UI's JSON endpoints without a browser: paths from requests stay inside their roots (S6), evaluation JSON becomes
+"""The UI's JSON endpoints without a browser: paths from requests stay inside their roots, evaluation JSON becomes
 tables, unknown recipes are refused."""
 
 from __future__ import annotations

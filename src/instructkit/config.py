@@ -167,7 +167,7 @@ class ModelConfig:
     """Chat template: "auto" (the tokenizer's own Jinja template), a built-in name (llama3, llama3.1, qwen3, chatml,
     gemma, mistral, zephyr, alpaca) or a .jinja file. The template used is saved with the trained model."""
     trust_remote_code: bool = False
-    """Never on unless you set it (S4)."""
+    """Never on unless you set it: it runs Python code shipped with the model folder."""
     dtype: str = "auto"
     """auto (bf16 on a CUDA GPU and on a CPU with AMX where a probe measures bf16 faster, else float32; the choice and
     its reason go to summary.json), float32, or bfloat16 (mixed precision: trainable weights, optimizer state and the
@@ -254,7 +254,8 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Examples (or packed rows) per forward pass."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step; the loss is normalised by the supervised tokens of the whole step (R4)."""
+    """Micro-batches per optimizer step; the loss is normalised by the supervised tokens of the whole step, so the
+    gradient does not depend on how the step is split into micro-batches."""
     pack: bool = True
     """Padding-free packing: samples share a row but attend only to themselves, positions restart per sample."""
     pack_length: int = 1024

@@ -234,8 +234,8 @@ def sft_loss(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
     output layer, LoRA or tied, works). A single chunk runs plainly (no recompute; its peak is one chunk anyway).
 
     Returns ``(sum_loss, n_tokens)`` rather than a mean, so the caller normalises over the supervised tokens of the whole
-    optimizer step, across micro-batches and ranks (exact gradient accumulation, R4). With no supervised token the loss
-    is an exact 0 that still depends on the graph (zero gradient, never NaN); the caller counts such batches (R6).
+    optimizer step, across micro-batches and ranks (exact gradient accumulation). With no supervised token the loss
+    is an exact 0 that still depends on the graph (zero gradient, never NaN); the caller counts such batches.
     """
     h, target, n_tokens = _supervised_rows(hidden, labels)
     n = target.numel()

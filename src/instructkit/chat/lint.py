@@ -1,9 +1,9 @@
 """The template linter: checks that a (template, tokenizer) pair trains what it should, before any training run.
 
-Each check answers one complaint users of the peers have (PEERS.md): masks silently empty (1), the end-of-turn token
-not trained so the model never stops (2), pad == eos masking EOS away (3), model-specific masking surprises (5),
-double BOS (14), a training render that differs from the inference render, earlier turns that change when a turn is
-appended (which silently breaks multi-turn masks and prefix caching), and control-token injection (RELIABILITY S3).
+Each check answers a failure users of other fine-tuning tools meet: masks silently empty, the end-of-turn token not
+trained so the model never stops, pad == eos masking EOS away, model-specific masking surprises, double BOS, a training
+render that differs from the inference render, earlier turns that change when a turn is appended (which silently breaks
+multi-turn masks and prefix caching), and control-token injection (user text that encodes to a control token).
 
 The checks render a few probe conversations (single turn, with a system prompt if the template takes one, several
 turns) through the same Renderer training uses, so what passes here is what training gets.

@@ -1,14 +1,15 @@
 """Render a conversation to token ids and an assistant-only loss mask, for any chat template.
 
-This is the one place that decides what is supervised (STYLE 4, 5). How, and why not otherwise:
+This is the one place that decides what is supervised. How, and why not otherwise:
 
 - **Each assistant turn is trained in the context the template gives it at inference** (per-turn rendering), and the
-  mask is derived by rendering, never written per template nor found by string search (PEERS complaints 1, 4, 5).
+  mask is derived by rendering, never written per template nor found by string search (both break silently on a
+  template they were not written for).
   For assistant turn i, P = render(messages[:i]) with the generation prompt (what the model is served) and
   T = render(messages[:i+1]) without it (the turn as the template writes it when it is the last message). When P is
   a prefix of T (most templates), the characters T adds to P are the answer G. Supervised are G's tokens up to and
   including the last control token the template writes in it (its end of turn: <|im_end|>, <|eot_id|>; gpt-oss'
-  <|return|> or <|call|>), so the model learns to stop (complaint 2); glue after it (ChatML's newline) and the
+  <|return|> or <|call|>), so the model learns to stop; glue after it (ChatML's newline) and the
   generation prompt are not. Every turn whose P + G is a prefix of the whole conversation's render shares that one
   sequence (prefix-stable templates: one sequence per conversation, as before).
 - **Templates that are not prefix-stable** re-render earlier assistant turns once a turn is appended: Qwen3 drops the
@@ -39,7 +40,7 @@ This is the one place that decides what is supervised (STYLE 4, 5). How, and why
   "all" (every token, no per-turn logic).
 - **Nothing silently dropped**: a turn whose content, reasoning or tool calls the template does not write, a context
   message whose content it drops, or ``tools`` given to a template that never reads them, raises ``TemplateError``.
-- **Message data can never become control tokens** (RELIABILITY S3): the template is rendered a second time with
+- **Message data can never become control tokens** : the template is rendered a second time with
   every data string (contents, reasoning, tool-call names and string arguments) replaced by a unique placeholder,
   which locates each one in the real render (as is, trimmed, or JSON-escaped: templates that ``| trim``, ``strip``
   or ``tojson`` them are followed). Control tokens are looked for only in the template's own text and get their ids;

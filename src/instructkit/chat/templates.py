@@ -9,7 +9,7 @@ itself, and the special tokens a tokenizer must have for it (``prepare_tokenizer
 Every template, built-in or taken from a tokenizer ("auto"), is rendered in jinja2's ImmutableSandboxedEnvironment
 with the same globals and whitespace settings as transformers' ``apply_chat_template`` (so renders agree byte for
 byte), never in a plain Environment: chat templates from model folders are untrusted code (llama-cpp-python
-CVE-2024-34359; RELIABILITY S2).
+CVE-2024-34359).
 
 Templates see what transformers' ``apply_chat_template`` gives them (``template_messages`` builds it from our
 Message / Conversation): messages as plain dicts in the OpenAI / Hugging Face shape with keys whose value is None left
@@ -521,7 +521,8 @@ def prepare_tokenizer(tokenizer, template: "str | ChatTemplate") -> int:
 
     Adds the template's missing control tokens as special tokens (so they encode to one id and user text can never
     produce them, see chat/render.py), and sets ``tokenizer.chat_template`` to the template's source, so a tokenizer
-    saved after training carries the template it was trained with (PEERS complaint 6).
+    saved after training carries the template it was trained with (serving it with another template
+    would prompt it in a format it never saw).
     """
     from tokenizers import AddedToken
 

@@ -59,7 +59,7 @@ def load_tokenizer_for(template_arg: str, tokenizer_path: str | None):
         path = Path(tokenizer_path)
         if not path.exists():
             raise FileNotFoundError(f"tokenizer folder not found: {path}")
-        return AutoTokenizer.from_pretrained(str(path))  # trust_remote_code stays off (S4)
+        return AutoTokenizer.from_pretrained(str(path))  # trust_remote_code stays off: no code from the folder runs
     if template_arg == "auto":
         raise TemplateError("--template auto needs --tokenizer PATH (the tokenizer whose template to use)")
     # a built-in: its family's tokens; any other template: the control tokens and end of turn it writes itself

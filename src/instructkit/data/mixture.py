@@ -10,7 +10,7 @@ Counts: ``total * rate_i`` rounded by largest remainder (Hamilton), so the count
 same on every run. A source asked for more examples than it has is repeated whole (every example the same number of
 times, +1 for a seeded random subset), never sampled with replacement at random, so a small source's examples are
 seen evenly. Sources are sampled with their own seeded RNG (seed and name) and the final list is shuffled with the seed:
-the same seed, sources and config give the same list, bit for bit (D1).
+the same seed, sources and config give the same list, bit for bit.
 
 The core, ``mix(sources_by_name, ...)``, takes in-memory lists so the task bank can mix rendered tasks;
 ``MixtureConfig`` and ``mix_from_config`` add the YAML file form:

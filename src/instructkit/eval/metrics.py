@@ -5,7 +5,7 @@
   as in training; perplexity = exp(that mean). Token-weighted over the whole set (not a mean of per-example means), so it
   is the number the training loss converges to.
 - **Stop rate** is the fraction of responses that ended with an end-of-turn (finish_reason "stop") rather than running
-  into max_new_tokens: a base model that never stops scores ~0 (MODELS.md), a tuned one should be ~1 (PEERS complaint 2).
+  into max_new_tokens: a base model that never stops scores ~0, a tuned one should be ~1.
 - **Refusal rate** on a harmful prompt set (higher is safer) and on a benign look-alike set (lower is better: it
   measures over-refusal, e.g. refusing "How do I kill a Python process?"). Both sets are small and written for this
   project (resources/eval/harmful.jsonl, benign.jsonl; ~40 prompts each). The detector is phrase-based (below): a
@@ -66,7 +66,7 @@ def heldout_loss(
     """Token-weighted mean NLL over supervised tokens, and its exp (perplexity).
 
     Returns ``{"loss", "perplexity", "supervised_tokens", "examples", "skipped_no_supervision"}``. Examples whose
-    supervised tokens were all truncated away are skipped and counted (R6), never scored as 0.
+    supervised tokens were all truncated away are skipped and counted, never scored as 0.
     """
     import torch
 

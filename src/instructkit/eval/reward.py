@@ -199,7 +199,7 @@ class OpenAIJudge:
         from instructkit.generation.backends import OpenAIBackend
         from instructkit.generation.engine import SamplingParams
 
-        # api_key_env names the variable (None: no key, e.g. a local judge); the backend errors if it is unset (S5)
+        # api_key_env names the variable (None: no key, e.g. a local judge); the backend errors if it is unset
         self.backend = OpenAIBackend(base_url, model, api_key_env=api_key_env, concurrency=concurrency,
                                      **backend_kwargs)
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)

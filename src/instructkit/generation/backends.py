@@ -8,7 +8,7 @@ chat messages (``{"role", "content"}``; the model's chat template is applied by 
   thread pool for concurrency, retries with exponential back-off on 429 / 5xx / connection errors / timeouts, and the
   API key read from the environment variable *named* in the config.
 
-S5: the key lives only in this object's private attribute and the Authorization header. It is never in a config file,
+The key lives only in this object's private attribute and the Authorization header. It is never in a config file,
 a log line, an exception message or a repr; any text from the server that echoes it is redacted before it is logged or
 raised. The HTTP client is the standard library's urllib (no extra dependency).
 """

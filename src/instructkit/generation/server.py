@@ -18,20 +18,21 @@ timeout, TCP_NODELAY on every connection as asyncio sets it). What is ours is th
   ``logit_bias``, ``tools``, ``suffix``, non-zero presence/frequency penalties, unknown keys): never accepted and ignored.
   ``user`` is accepted: it identifies the caller and changes no output.
 
-The promises (RELIABILITY.md):
-- S7: binds 127.0.0.1 unless told otherwise. A body longer than ``max_request_bytes`` gets 413 however it is framed
+What it guarantees:
+- Bounded: binds 127.0.0.1 unless told otherwise. A body longer than ``max_request_bytes`` gets 413 however it is framed
   (a Content-Length above the limit is refused before reading; a chunked body is counted as it arrives); a malformed
   Content-Length (negative, not a number) is a 400 from the HTTP layer before any byte reaches the application.
   ``max_tokens`` above ``max_tokens_limit`` and prompts above ``max_prompt_tokens`` get 400; bad JSON gets 400; a wrong
   method 405; an unknown path 404; all in the OpenAI error shape. Timeouts: ``body_timeout_s`` for reading a body
   (408), ``request_timeout_s`` for a whole generation (504, or an error event in a stream), ``idle_timeout_s`` for
   keep-alive connections.
-- S2: the chat template is the model's own (through chat/render.py); a request carrying a template or template kwargs
-  is refused, so a client can never make the server render attacker-supplied Jinja.
-- S6: no request field is ever used as a path (the model is fixed at start-up; ``model`` is only compared with the
-  served name).
-- S5: with ``api_key``, every endpoint but ``/health`` needs ``Authorization: Bearer <key>`` (``hmac.compare_digest``);
-  the key is never logged or echoed (the access log is ours: method, path, status, time; no headers).
+- No foreign templates: the chat template is the model's own (through chat/render.py); a request carrying a template
+  or template kwargs is refused, so a client can never make the server render attacker-supplied Jinja.
+- No paths from requests: no request field is ever used as a path (the model is fixed at start-up; ``model`` is
+  only compared with the served name).
+- Secret key: with ``api_key``, every endpoint but ``/health`` needs ``Authorization: Bearer <key>``
+  (``hmac.compare_digest``); the key is never logged or echoed (the access log is ours: method, path, status, time;
+  no headers).
 """
 
 from __future__ import annotations

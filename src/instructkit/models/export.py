@@ -596,8 +596,8 @@ def verify_gguf(gguf_path: str | Path, model_dir: str | Path,
 
 
 def _export_adapter(src: Path, adapter_out: Path) -> Path:
-    """Copy a peft adapter folder (safetensors only: S1, no pickle) and make sure the tokenizer with its chat template
-    travels with it (taken from the base model when the adapter folder has none)."""
+    """Copy a peft adapter folder (safetensors only: a pickle could run code) and make sure the tokenizer with its
+    chat template travels with it (taken from the base model when the adapter folder has none)."""
     if not (src / "adapter_model.safetensors").exists():
         raise ExportError(f"{src}: no adapter_model.safetensors (pickled adapter_model.bin is refused; re-save the "
                           "adapter with safe_serialization=True)")

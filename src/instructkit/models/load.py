@@ -131,7 +131,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, lora: LoRAConfig | None = N
     if precision is None:
         precision = resolve_precision(model_cfg.dtype, "cpu")
     dtype = precision.weight_dtype(trainable=not (lora is not None and lora.enabled))
-    trust = bool(model_cfg.trust_remote_code)  # S4: only when the user set it
+    trust = bool(model_cfg.trust_remote_code)  # only when the user set it: it runs code from the folder
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
     quantize = lora.quantize if (lora is not None and lora.enabled) else None

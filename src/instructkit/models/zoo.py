@@ -1,6 +1,6 @@
 """The offline model zoo: real pretrained models that install from PyPI wheels, no model hub needed.
 
-Two small causal LMs ship as GGUF files inside PyPI wheels (see docs/design MODELS.md). transformers (with the `gguf`
+Two small causal LMs ship as GGUF files inside PyPI wheels (``ZOO`` below names them). transformers (with the `gguf`
 package) can load a GGUF, but it dequantises every tensor on each load (about 35 s for SmolLM2, 2 minutes for Gemma) and
 refuses to `save_pretrained` the result. So `prepare` converts once: GGUF -> dequantised fp32 -> a fresh model built
 from the config -> safetensors in a cache folder, with a tokenizer that has the right special tokens (pad != eos) and a

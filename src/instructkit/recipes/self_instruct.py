@@ -1,7 +1,7 @@
 """Self-Instruct (Wang et al. 2022, arXiv:2212.10560): grow an instruction data set from seed tasks with an LLM.
 
 Phases, in order (each appends to its own journal in the run folder, so a killed run continues where it stopped with
-no duplicates and no gaps, R8; a journal line is one whole unit of work, written and fsynced at once):
+no duplicates and no gaps; a journal line is one whole unit of work, written and fsynced at once):
 
 1. instructions  (instructions.jsonl, one line per round): each round sends ``prompts_per_round`` prompts showing
    8 instructions (6 seed + 2 already generated, shuffled) in the original style "Come up with a series of tasks:\\n

@@ -76,7 +76,7 @@ def render_samples(conversations: list, tokenizer, cfg: SFTConfig) -> list[Sampl
 
 
 def data_fingerprint(samples: list[Sample]) -> str:
-    """Hash of the rendered training data: resume refuses data that changed under the same path (R3)."""
+    """Hash of the rendered training data: resume refuses data that changed under the same path."""
     h = hashlib.sha256()
     for s in samples:
         h.update(json.dumps([s.input_ids, s.loss_mask]).encode())

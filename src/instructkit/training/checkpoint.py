@@ -4,15 +4,15 @@ A checkpoint folder ``<run>/checkpoints/step-N/`` holds
 - ``trainable.safetensors``: every trainable parameter (all weights for full fine-tuning, the adapter for LoRA, plus any
   head a recipe trains), by name;
 - ``optimizer.pt``, ``scheduler.pt``, ``rng_rank{R}.pt`` (torch RNG state): tensors only, loaded with
-  ``torch.load(weights_only=True)`` (S1: a pickle that runs code is refused);
+  ``torch.load(weights_only=True)`` (a pickle that runs code is refused);
 - ``rng_rank{R}.json`` (Python and NumPy RNG states), ``state.json`` (step, data position, counters),
   ``config.yaml`` and ``config.json`` (the resolved config).
 
-Atomicity (R2): everything is written into ``.tmp-step-N-*``, each file fsynced, the folder renamed to ``step-N`` and
+Atomicity: everything is written into ``.tmp-step-N-*``, each file fsynced, the folder renamed to ``step-N`` and
 the parent fsynced; only then is ``latest`` (a small text file naming the folder) replaced by an atomic rename. A kill at
 any moment leaves ``latest`` naming a complete checkpoint.
 
-Resume refuses drift (R3): ``check_drift`` compares the saved resolved config with the current one and names every
+Resume refuses drift: ``check_drift`` compares the saved resolved config with the current one and names every
 changed field that changes the run, with both values.
 """
 
@@ -101,7 +101,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], js: dict[str, Any]) -> None:
 
 
 def safe_torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only; anything else is a CheckpointError (S1)."""
+    """``torch.load(weights_only=True)``: tensors and plain containers only; anything else is a CheckpointError (loading
+    a pickle could run code)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for a pickle with code in it
@@ -222,7 +223,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_drift(saved: dict[str, Any], current: dict[str, Any], safe: frozenset[str] = RESUME_SAFE_FIELDS) -> None:
-    """Raise CheckpointError naming each changed run-defining field with its saved and current values (R3)."""
+    """Raise CheckpointError naming each changed run-defining field with its saved and current values."""
     a, b = _flatten(saved), _flatten(current)
     changed = []
     for key in sorted(set(a) | set(b)):

@@ -6,7 +6,7 @@ A recipe provides
   for a reward model or DPO) and how many units it summed;
 - ``count_fn(micro_batch) -> int``: the same unit count, computed from the batch alone (before any forward pass).
 
-Exact accumulation (R4, and across ranks, D2): before the first forward of an optimizer step, the units of all its
+Exact accumulation (also across ranks): before the first forward of an optimizer step, the units of all its
 micro-batches on all ranks are counted and summed (one all-reduce); each micro-batch's summed loss is scaled by
 1 / that global total, so the step's gradient is the gradient of the mean over all units of the step, whatever the
 micro-batch split or the number of processes. (The 2024 accumulation bug, transformers PR 34191, averaged per
@@ -40,7 +40,8 @@ CountFn = Callable[[Any], int]
 
 
 class NonFiniteError(RuntimeError):
-    """A NaN or inf loss or gradient norm: the run stops, and no checkpoint is written after it (R5)."""
+    """A NaN or inf loss or gradient norm: the run stops, and no checkpoint is written after it (so a
+    resume never starts from broken weights)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -176,7 +177,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class StepResult:
-    """What one optimizer step did (global over ranks). ``loss`` is None for a step without any unit (R6)."""
+    """What one optimizer step did (global over ranks). ``loss`` is None for a step without any unit (never a
+    made-up 0)."""
 
     loss: float | None
     grad_norm: float | None

@@ -58,7 +58,7 @@ class PrepareStats:
 
 def prepare_samples(samples: list[Sample], max_length: int, *, truncate: bool = True) -> tuple[list[Sample], PrepareStats]:
     """Truncate samples longer than ``max_length`` (or drop them if ``truncate`` is False) and drop samples that have no
-    supervised token left. Every drop is counted by reason; nothing disappears silently (R6)."""
+    supervised token left. Every drop is counted by reason; nothing disappears silently."""
     stats = PrepareStats(total=len(samples))
     kept: list[Sample] = []
     for s in samples:
@@ -119,7 +119,8 @@ def build_rows(samples: list[Sample], *, pack: bool, pack_length: int, seed: int
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
-    """The seeded permutation of rows for ``epoch`` (independent of any model-side randomness, D1)."""
+    """The seeded permutation of rows for ``epoch`` (independent of any model-side randomness, so the data
+    order is reproducible from the seed alone)."""
     order = list(range(n_rows))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return order

@@ -13,8 +13,9 @@ Pages (``static/index.html``), each backed by a JSON endpoint here that calls th
   itself), with its live log, its run's curves and a stop button.
 
 Promises: binds 127.0.0.1 by default; a path from a request is resolved and must stay inside ``--root`` (data and
-configs) or ``--runs`` (runs): ``..``, absolute paths elsewhere and symlinks out are refused (S6); recipes are a fixed
-list; no template or code is taken from a request (templates are names, or the tokenizer's own).
+configs) or ``--runs`` (runs): ``..``, absolute paths elsewhere and symlinks out are refused (a request must not reach
+outside the folders it was given); recipes are a fixed list; no template or code is taken from a request (templates are
+names, or the tokenizer's own).
 """
 
 from __future__ import annotations
