@@ -8,6 +8,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -21,6 +22,14 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+class UnknownKeyError(ConfigError):
+    """A key no config class has; ``keys`` are the dotted names."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -40,8 +49,10 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise ConfigError naming them."""
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "", root: type | None = None) -> T:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise ConfigError naming them and the nearest known
+    key. ``root``: the class of the whole config (for a nested section), where a misplaced key is looked for."""
+    root = root or cls
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -50,26 +61,57 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(sorted(path + k for k in unknown))}; "
-            f"known keys under '{path or '<top>'}': {', '.join(sorted(names))}"
-        )
+        keys = sorted(path + str(k) for k in unknown)
+        hints_text = "; ".join(f"{path + str(k)}: {_suggest(k, cls, path, root)}" for k in sorted(unknown, key=str))
+        raise UnknownKeyError(
+            f"unknown config key(s) {', '.join(keys)} ({hints_text}); "
+            f"known keys under '{path or '<top>'}': {', '.join(sorted(names))}", keys)
     kwargs = {}
     for name, value in data.items():
         tp = _unwrap_optional(hints[name])
         if _is_dataclass_type(tp) and isinstance(value, dict):
-            kwargs[name] = from_dict(tp, value, path + name + ".")
+            kwargs[name] = from_dict(tp, value, path + name + ".", root)
         elif typing.get_origin(tp) is list and typing.get_args(tp) and _is_dataclass_type(typing.get_args(tp)[0]):
             item_tp = typing.get_args(tp)[0]
             if not isinstance(value, list):
                 raise ConfigError(f"config key '{path + name}' must be a list")
             kwargs[name] = [
-                v if isinstance(v, item_tp) else from_dict(item_tp, v, f"{path}{name}[{i}].")
+                v if isinstance(v, item_tp) else from_dict(item_tp, v, f"{path}{name}[{i}].", root)
                 for i, v in enumerate(value)
             ]
         else:
             kwargs[name] = _coerce(value, tp, path + name)
     return cls(**kwargs)
+
+
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key a config class accepts, dotted (``train.lr``), sections included."""
+    out = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        tp = _unwrap_optional(hints[f.name])
+        if _is_dataclass_type(tp):
+            out += _dotted_keys(tp, prefix + f.name + ".")
+    return out
+
+
+def _suggest(key: Any, cls: type, path: str, root: type) -> str:
+    """"did you mean ...?" for an unknown key: a key of that very name in another section (``lr`` at the top ->
+    ``train.lr``), else the closest key of its own section (difflib), else the closest name anywhere in the config."""
+    key = str(key)
+    everywhere = _dotted_keys(root)
+    leaf = {k: k.rsplit(".", 1)[-1] for k in everywhere}
+    same = [k for k in everywhere if leaf[k] == key]
+    if same:
+        return f"did you mean '{same[0]}'?"
+    near = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(cls)], n=1, cutoff=0.6)
+    if near:
+        return f"did you mean '{path + near[0]}'?"
+    near = difflib.get_close_matches(key, sorted(set(leaf.values())), n=1, cutoff=0.75)
+    if near:
+        return f"did you mean '{next(k for k in everywhere if leaf[k] == near[0])}'?"
+    return "no known key is close"
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -130,6 +172,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     apply_overrides(data, overrides or [])
     try:
         return from_dict(cls, data)
+    except UnknownKeyError as e:  # say where the key was written: an override or the file
+        given = [o.split("=", 1)[0].strip() for o in overrides or []]
+        from_override = any(k == g or k.startswith(g + ".") or g.startswith(k + ".") for k in e.keys for g in given)
+        where = "override" if from_override else (str(path) if path is not None else "config")
+        raise UnknownKeyError(f"{where}: {e}", e.keys) from None
     except TypeError as e:  # a dataclass without a default for a required field
         raise ConfigError(str(e)) from e
 
@@ -186,6 +233,9 @@ class LoRAConfig:
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt, or ["all-linear"] for every linear layer except the output layer."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapter (peft's modules_to_save), e.g. [embed_tokens, lm_head]: needed when
+    the chat template adds tokens the model's vocabulary lacks, whose new embedding rows LoRA alone never trains."""
     quantize: str | None = None
     """QLoRA: quantise the frozen base ("int4" or "int8") before adding the adapter; None keeps fp32."""
 

@@ -74,16 +74,41 @@ def ensure_pad_token(tokenizer, model=None) -> str:
     return msg
 
 
-def _prepare_template(tokenizer, model_cfg: ModelConfig, model) -> None:
-    """Install the chat template (chat/templates.py) and resize embeddings if it added tokens."""
+def _prepare_template(tokenizer, model_cfg: ModelConfig, model) -> list[str]:
+    """Install the chat template (chat/templates.py) and resize embeddings if it added tokens; returns those tokens."""
     from instructkit.chat.templates import prepare_tokenizer
 
-    before = len(tokenizer)
+    before = set(tokenizer.get_vocab())
     result = prepare_tokenizer(tokenizer, model_cfg.template)
     if result is not None and result is not tokenizer and hasattr(result, "apply_chat_template"):
         tokenizer.__dict__.update(result.__dict__)
-    if len(tokenizer) > before and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    added = [t for t in tokenizer.get_vocab() if t not in before]
+    if added and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    return added
+
+
+def refuse_untrained_new_tokens(model, added: list[str], model_cfg: ModelConfig) -> None:
+    """A chat template that needs control tokens the model's vocabulary lacks gets them as new embedding rows with
+    random values. Training must then update those rows in both the input embedding and the output layer (full
+    fine-tuning, or LoRA with ``modules_to_save``), else the model can never read or write the template's turn markers
+    and the run would save a template its model was never taught. ConfigError, naming the tokens and the fixes."""
+    if not added:
+        return
+    parts = {"input embedding": model.get_input_embeddings(), "output layer": model.get_output_embeddings()}
+    frozen = [what for what, mod in parts.items() if mod is None or not any(p.requires_grad for p in mod.parameters())]
+    if not frozen:
+        return
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = [n.rsplit(".", 1)[-1] for want in (inner.get_input_embeddings(), inner.get_output_embeddings())
+             for n, mod in inner.named_modules() if mod is want]
+    raise ConfigError(
+        f"model.template={model_cfg.template!r} does not belong to {model_cfg.path!r}: its tokenizer lacks the "
+        f"template's control token(s) {', '.join(sorted(added))}. They would get new embedding rows with random "
+        f"values that this run never trains ({' and '.join(frozen)} frozen), so the model could never read or write "
+        f"them, and the run would save this template with a model that was never taught it. Use the model's own "
+        f"template (model.template=auto), or train the new rows: lora.modules_to_save=[{','.join(dict.fromkeys(names))}]"
+        f" or full fine-tuning (lora.enabled=false).")
 
 
 def _quantization_config(kind: str):
@@ -109,7 +134,8 @@ def apply_lora(model, lora_cfg: LoRAConfig):
     if list(targets) == ["all-linear"]:
         targets = "all-linear"  # peft: every linear layer except the output layer
     peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                              target_modules=targets, task_type="CAUSAL_LM", bias="none")
+                              target_modules=targets, task_type="CAUSAL_LM", bias="none",
+                              modules_to_save=list(lora_cfg.modules_to_save) or None)
     return get_peft_model(model, peft_cfg)
 
 
@@ -144,9 +170,10 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, lora: LoRAConfig | None = N
     if precision.device.type != "cpu" and not quantize:
         model.to(precision.device)
     ensure_pad_token(tokenizer, model)
-    _prepare_template(tokenizer, model_cfg, model)
+    added = _prepare_template(tokenizer, model_cfg, model)
     if lora is not None and lora.enabled:
         model = apply_lora(model, lora)
+    refuse_untrained_new_tokens(model, added, model_cfg)
     return model, tokenizer
 
 
