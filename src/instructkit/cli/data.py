@@ -32,6 +32,11 @@ def _common_read_flags(p: argparse.ArgumentParser, *, formats: bool = True) -> N
     )
     p.add_argument("--all-paths", action="store_true", help="oasst: every root-to-leaf path, not only the best-ranked")
     p.add_argument("--split", default=None, help="split of a saved Hugging Face DatasetDict (default: train)")
+    p.add_argument("--tool-call-format", default="auto", choices=("auto", "hermes", "none"),
+                   help="<tool_call> blocks in assistant content: parse when the example has tools (auto), always "
+                        "(hermes) or never (none)")
+    p.add_argument("--split-think", action="store_true",
+                   help="move a leading <think>...</think> block of assistant content into reasoning")
 
 
 def register(subparsers) -> None:
@@ -48,7 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (default: count them)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="convert to internal JSONL (messages or preference pairs)")
+    p = sub.add_parser("convert", help="convert to internal JSONL (conversations, pairs, unpaired or text)")
     p.add_argument("input")
     p.add_argument("output")
     _common_read_flags(p)
@@ -111,6 +116,8 @@ def _read(args, path: str, stats):
         stats=stats,
         all_paths=getattr(args, "all_paths", False),
         split=getattr(args, "split", None),
+        tool_call_format=getattr(args, "tool_call_format", "auto"),
+        split_think=getattr(args, "split_think", False),
     )
 
 
@@ -173,8 +180,9 @@ def _mask_view(tokenizer, ids: list[int], mask: list[int]) -> str:
 
 
 def cmd_inspect(args) -> int:
+    from instructkit.data.formats import format_kind
     from instructkit.data.io import ReadStats
-    from instructkit.data.schema import ROLES, Conversation
+    from instructkit.data.schema import ROLES, Conversation, PreferencePair, TextExample, UnpairedExample
 
     if not args.strict:
         # Inspection reports bad records (kept/rejected, reasons) instead of stopping at the first one.
@@ -196,7 +204,11 @@ def cmd_inspect(args) -> int:
 
     stats = ReadStats()
     roles = {r: 0 for r in ROLES}
-    kinds = {"conversation": 0, "preference": 0}
+    kinds = {"conversation": 0, "preference": 0, "unpaired": 0, "text": 0}
+    content = {"examples_with_tools": 0, "tool_definitions": 0, "tool_calls": 0, "tool_results": 0,
+               "reasoning_turns": 0, "weighted_turns": {"0": 0, "1": 0},
+               "labels": {"desirable": 0, "undesirable": 0}}
+    text_chars: list[int] = []
     turns: list[int] = []
     prompt_chars: list[int] = []
     response_chars: list[int] = []
@@ -208,6 +220,28 @@ def cmd_inspect(args) -> int:
     for ex in _read(args, args.file, stats):
         if first is None:
             first = ex
+        if getattr(ex, "tools", None):
+            content["examples_with_tools"] += 1
+            content["tool_definitions"] += len(ex.tools)
+        if isinstance(ex, TextExample):
+            kinds["text"] += 1
+            text_chars.append(len(ex.text))
+            if tokenizer is not None:
+                tokens.append(len(tokenizer.encode(ex.text, add_special_tokens=False)))
+            continue
+        if isinstance(ex, PreferencePair):
+            every = ex.prompt + ex.chosen + ex.rejected
+        elif isinstance(ex, UnpairedExample):
+            every = ex.prompt + ex.completion
+            content["labels"]["desirable" if ex.label else "undesirable"] += 1
+        else:
+            every = ex.messages
+        for m in every:
+            content["tool_calls"] += len(m.tool_calls or ())
+            content["tool_results"] += m.role == "tool"
+            content["reasoning_turns"] += m.reasoning is not None
+            if m.weight is not None:
+                content["weighted_turns"][str(int(m.weight))] += 1
         if isinstance(ex, Conversation):
             kinds["conversation"] += 1
             msgs = ex.messages
@@ -218,6 +252,15 @@ def cmd_inspect(args) -> int:
                 response_chars.append(len(msgs[last_a].content))
                 response_words.append(len(msgs[last_a].content.split()))
             conv = ex
+        elif isinstance(ex, UnpairedExample):
+            kinds["unpaired"] += 1
+            msgs = ex.prompt + ex.completion
+            turns.append(len(ex.prompt))
+            prompt_chars.append(sum(len(m.content) for m in ex.prompt))
+            completion = "\n".join(m.content for m in ex.completion)
+            response_chars.append(len(completion))
+            response_words.append(len(completion.split()))
+            conv = ex.conversation()
         else:
             kinds["preference"] += 1
             msgs = ex.prompt + ex.chosen
@@ -245,7 +288,7 @@ def cmd_inspect(args) -> int:
             else:
                 tokens.append(sum(len(tokenizer.encode(m.content, add_special_tokens=False)) for m in conv.messages))
 
-    kind = "preference" if kinds["preference"] and not kinds["conversation"] else "conversation"
+    kind = format_kind(stats.format) if stats.format else "conversation"
     report: dict[str, Any] = {
         "file": args.file,
         "format": stats.format,
@@ -262,6 +305,8 @@ def cmd_inspect(args) -> int:
         "response_chars": describe(response_chars),
         "response_words": describe(response_words),
         "rejected_chars": describe(rejected_chars),
+        "text_chars": describe(text_chars),
+        "content": content,
         "tokens": describe(tokens),
         "supervised_tokens": describe(supervised) if renderer is not None else None,
         "render_errors": len(render_errors),
@@ -270,8 +315,9 @@ def cmd_inspect(args) -> int:
     }
     if first is not None:
         sample: dict[str, Any] = {"example": first.to_dict()}
-        if renderer is not None:
-            conv = first if isinstance(first, Conversation) else first.chosen_conversation()
+        if renderer is not None and not isinstance(first, TextExample):
+            conv = (first if isinstance(first, Conversation) else first.conversation()
+                    if isinstance(first, UnpairedExample) else first.chosen_conversation())
             try:
                 if conv.messages[-1].role == "assistant":
                     r = renderer.render(conv)
@@ -302,6 +348,15 @@ def cmd_inspect(args) -> int:
     for reason, n in stats.by_reason.most_common(10):
         w(f"  rejected {n} x {reason}")
     w("roles:     " + ", ".join(f"{r} {n}" for r, n in roles.items()))
+    c = content
+    w(f"tools:     {c['examples_with_tools']} examples with tools ({c['tool_definitions']} definitions), "
+      f"{c['tool_calls']} tool calls, {c['tool_results']} tool results")
+    w(f"reasoning: {c['reasoning_turns']} turns;  weights: {c['weighted_turns']['1']} turns weight 1, "
+      f"{c['weighted_turns']['0']} weight 0")
+    if kind == "unpaired":
+        w(f"labels:    {c['labels']['desirable']} desirable, {c['labels']['undesirable']} undesirable")
+    if text_chars:
+        w(f"text chars:      {_stats_line(report['text_chars'])}")
     w(f"turns:     {_stats_line(report['turns'])}" + ("  (prompt turns)" if kind == "preference" else ""))
     w(f"prompt chars:    {_stats_line(report['prompt_chars'])}")
     w(f"response chars:  {_stats_line(report['response_chars'])}" + ("  (chosen)" if kind == "preference" else ""))

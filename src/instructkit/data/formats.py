@@ -28,11 +28,42 @@ ranked                 K ranked responses: ``prompt`` + ``responses`` (best firs
                        score | rank}]``; one record -> all K-choose-2 pairs with meta ``group`` and ``ranks``
 oasst_ranked           an oasst trees-export record (one whole tree, nested ``replies``): each prompter message with
                        2+ ranked assistant replies -> its ranked pairs (the flat oasst format gives conversations)
+lf_v1                  LLaMA-Factory v1 SFT: ``messages`` whose ``content`` is a list of parts ``{"type": "text" |
+                       "reasoning" | "tool_call" | "tools", "value"}`` and a per-message ``loss_weight`` (0 or 1)
+lf_v1_dpo              LLaMA-Factory v1 DPO: ``chosen_messages`` / ``rejected_messages`` (full conversations in the
+                       v1 message shape; their shared turns are the prompt)
+kto                    unpaired (KTO) data -> UnpairedExample: ``messages`` (or ShareGPT ``conversations``) plus
+                       ``label`` / ``kto_tag`` true or false (LLaMA-Factory's kto_en_demo); TRL's unpaired
+                       ``prompt``, ``completion``, ``label``; also the internal unpaired JSONL
+text                   plain text -> TextExample: ``{"text": ...}`` records, or a .txt file (one example per non-blank
+                       line, as the ``text`` loader of Hugging Face datasets)
 =====================  ==============================================================================================
+
+Tool calls, tools and reasoning: the OpenAI reader keeps ``tools``, ``tool_calls`` (and the legacy ``function_call``),
+``tool_call_id``, ``name`` (tool results), reasoning (``reasoning``, ``reasoning_content`` or ``thinking``) and
+``weight``. ShareGPT / glaive (LLaMA-Factory) ``function_call`` turns (JSON ``{"name", "arguments"}`` or a list of
+them) become assistant tool calls, ``observation`` turns tool results, and a ``tools`` key (a list or a JSON string
+of one; bare function definitions are wrapped as ``{"type": "function", "function": ...}``) the conversation's tools.
+
+Read options (``ReadOptions``; ``DataConfig.split_think`` / ``DataConfig.tool_call_format``, applied to every assistant
+turn before validation):
+
+- ``tool_call_format``: "auto" (default) parses Hermes-style ``<tool_call>{"name", "arguments"}</tool_call>`` blocks in
+  assistant content into ``tool_calls`` when the example declares ``tools`` (the blocks are then calls of declared
+  functions, and the template re-renders them in its own syntax); "hermes" parses them always; "none" never (they stay
+  text). A ``<tool_call>`` block that is not a JSON ``{"name", "arguments"}`` is an error, not text. The parser is
+  chat/parse.py's, the one the server uses on generated text.
+- ``split_think``: false (default) keeps ``<think>...</think>`` in assistant content as text (LLaMA-Factory's
+  convention for chain of thought); true moves a leading ``<think>`` block into ``reasoning`` (an unclosed block, a
+  block not at the start, or a turn that already has reasoning is an error).
+
+Fields that change training and that a reader cannot use are refused, naming the key: a ``label`` / ``kto_tag`` read
+as SFT data points to ``instructkit kto``; the legacy ``functions`` list asks to be converted to ``tools``.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import re
 from dataclasses import dataclass
@@ -45,13 +76,17 @@ from instructkit.data.schema import (
     Example,
     Message,
     PreferencePair,
+    TextExample,
     ToolCall,
+    UnpairedExample,
     content_text,
     parse_tool_calls,
     parse_tools,
     validate_conversation,
     validate_messages,
     validate_pair,
+    validate_text,
+    validate_unpaired,
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -112,9 +147,70 @@ def _scalar_meta(record: dict, keys: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class ReadOptions:
+    """How assistant turns are read (see the module docstring): ``tool_call_format`` "auto" | "hermes" | "none";
+    ``split_think``: move a leading <think>...</think> block of the content into ``reasoning``."""
+
+    tool_call_format: str = "auto"
+    split_think: bool = False
+
+    def __post_init__(self):
+        if self.tool_call_format not in TOOL_CALL_FORMATS:
+            raise DataError(f"tool_call_format must be one of {', '.join(TOOL_CALL_FORMATS)}, got "
+                            f"{_short(self.tool_call_format)}")
+        if not isinstance(self.split_think, bool):
+            raise DataError(f"split_think must be true or false, got {_short(self.split_think)}")
+
+
+TOOL_CALL_FORMATS = ("auto", "hermes", "none")
+_OPTIONS: contextvars.ContextVar[ReadOptions] = contextvars.ContextVar("read_options", default=ReadOptions())
+
+
+def _assistant_turn(m: Message, i: int, tools: list[dict] | None, opts: ReadOptions) -> Message:
+    content, reasoning, calls = m.content, m.reasoning, m.tool_calls
+    if opts.split_think and "<think>" in content:
+        from instructkit.chat.parse import split_reasoning
+
+        if reasoning is not None:
+            raise DataError(f"turn {i}: the assistant turn has both 'reasoning' and a <think> block in its content")
+        if not content.lstrip().startswith("<think>"):
+            raise DataError(f"turn {i}: <think> is not at the start of the assistant content (split_think splits a "
+                            "leading <think>...</think> block)")
+        if "</think>" not in content:
+            raise DataError(f"turn {i}: <think> without </think> in the assistant content")
+        reasoning, content = split_reasoning(content)
+    parse = opts.tool_call_format == "hermes" or (opts.tool_call_format == "auto" and bool(tools))
+    if parse and "<tool_call>" in content:
+        from instructkit.chat.parse import parse_tool_calls as parse_generated_calls
+
+        if calls:
+            raise DataError(f"turn {i}: the assistant turn has both 'tool_calls' and <tool_call> blocks in its content")
+        rest, parsed = parse_generated_calls(content, "<tool_call>", tools)
+        if not parsed:
+            raise DataError(f"turn {i}: a <tool_call> block in the assistant content is not JSON "
+                            "{\"name\", \"arguments\"} (or names a function not in 'tools')")
+        # ids are the data's to give: the parser's random ids would make reading a file non-deterministic
+        calls = tuple(ToolCall(c["function"]["name"], c["function"]["arguments"]) for c in parsed)
+        content = rest
+    if (content, reasoning, calls) == (m.content, m.reasoning, m.tool_calls):
+        return m
+    return Message(m.role, content, reasoning=reasoning, tool_calls=calls, tool_call_id=m.tool_call_id,
+                   name=m.name, weight=m.weight)
+
+
+def apply_options(messages: list[Message], tools: list[dict] | None, offset: int = 0) -> list[Message]:
+    """The read options (of the current read) applied to the assistant turns of ``messages``."""
+    opts = _OPTIONS.get()
+    if opts == ReadOptions() and not tools:
+        return messages
+    return [_assistant_turn(m, offset + i, tools, opts) if m.role == "assistant" else m
+            for i, m in enumerate(messages)]
+
+
 def _conversation(messages: list[Message], meta: dict[str, Any] | None = None, *, final: str = "assistant",
                   tools: list[dict] | None = None):
-    conv = Conversation(messages, dict(meta or {}), tools)
+    conv = Conversation(apply_options(messages, tools), dict(meta or {}), tools)
     validate_conversation(conv, final=final)
     return conv
 
@@ -173,7 +269,9 @@ def _openai_message(m: Any, what: str) -> Message:
         raise DataError(f"{what} has no 'role'")
     for k in m:
         if k not in OPENAI_MESSAGE_KEYS:
-            raise DataError(f"{what} has an unknown key {_short(k, 40)} (known: {', '.join(OPENAI_MESSAGE_KEYS)})")
+            hint = "; a LLaMA-Factory v1 file? read it with format lf_v1" if k == "loss_weight" else ""
+            raise DataError(f"{what} has an unknown key {_short(k, 40)} (known: {', '.join(OPENAI_MESSAGE_KEYS)})"
+                            f"{hint}")
     role = m["role"]
     if not isinstance(role, str):
         raise DataError(f"{what}.role must be a string, got {_typename(role)}")
@@ -470,6 +568,9 @@ def _margin(r: dict) -> float | None:
 
 
 def _pair(prompt, chosen, rejected, meta, margin=None, tools=None) -> PreferencePair:
+    n = len(prompt)
+    prompt, chosen, rejected = (apply_options(prompt, tools), apply_options(chosen, tools, n),
+                                apply_options(rejected, tools, n))
     pair = PreferencePair(prompt, chosen, rejected, dict(meta), margin, tools)
     validate_pair(pair)
     return pair
@@ -859,6 +960,202 @@ def from_oasst(record: Any) -> list[Example]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# LLaMA-Factory v1: typed content parts and per-message loss weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+LF_V1_ROLES = ("system", "user", "assistant", "tool")
+LF_V1_RECORD_KEYS = ("messages", "tools", "extra_info", "_dataset_name")
+
+
+def _lf_v1_message(m: Any, what: str, tools: list[dict]) -> Message:
+    """``{"role", "content": [{"type", "value"}, ...] | str, "loss_weight"}`` -> Message; a "tools" part adds to
+    ``tools``. loss_weight: on assistant turns the weight (0 or 1); on other turns only 0 (their default)."""
+    if not isinstance(m, dict):
+        raise DataError(f"{what} must be an object, got {_typename(m)}")
+    for k in m:
+        if k not in ("role", "content", "loss_weight"):
+            raise DataError(f"{what} has an unknown key {_short(k, 40)} (known: role, content, loss_weight)")
+    role = m.get("role")
+    if role not in LF_V1_ROLES:
+        raise DataError(f"{what}: unknown role {_short(role)} (expected one of {', '.join(LF_V1_ROLES)})")
+    content = m.get("content")
+    texts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[ToolCall] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            where = f"{what}.content[{j}]"
+            if not isinstance(part, dict):
+                raise DataError(f"{where} must be a {{type, value}} part, got {_typename(part)}")
+            kind, value = part.get("type"), part.get("value")
+            for k in part:
+                if k not in ("type", "value"):
+                    raise DataError(f"{where} has an unknown key {_short(k, 40)} (known: type, value)")
+            if not isinstance(value, str):
+                raise DataError(f"{where}.value must be a string, got {_typename(value)}")
+            if kind == "text":
+                texts.append(value)
+            elif kind == "reasoning":
+                reasoning.append(value)
+            elif kind in ("tool_call", "tool_calls"):
+                calls += sharegpt_function_call(value, where)
+            elif kind == "tools":
+                tools += normalize_tools(value, f"{where}.value") or []
+            else:
+                raise DataError(f"{where} has type {_short(kind)}; supported: text, reasoning, tool_call, tools "
+                                "(images, audio and video cannot be trained on)")
+    elif content is not None:
+        raise DataError(f"{what}.content must be a list of {{type, value}} parts, got {_typename(content)}")
+    weight = m.get("loss_weight")
+    if weight is not None and role != "assistant":
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight == 0:
+            weight = None  # the default of a non-assistant turn
+        else:
+            raise DataError(f"{what} is a '{role}' turn with loss_weight {_short(weight)}: only assistant turns are "
+                            "trained (use 0 or leave it out)")
+    try:
+        return Message(role, "".join(texts), reasoning="".join(reasoning) if reasoning else None,
+                       tool_calls=tuple(calls) or None, weight=weight)
+    except DataError as e:
+        raise DataError(f"{what}: {e.reason}") from None
+
+
+def _lf_v1_messages(value: Any, what: str, tools: list[dict]) -> list[Message]:
+    if not isinstance(value, list):
+        raise DataError(f"'{what}' must be a list of messages, got {_typename(value)}")
+    return [_lf_v1_message(m, f"{what}[{i}]", tools) for i, m in enumerate(value)]
+
+
+def _lf_v1_meta(r: dict) -> dict[str, Any]:
+    return _scalar_meta(r, ("extra_info", "_dataset_name"))
+
+
+def from_lf_v1(record: Any) -> list[Example]:
+    """LLaMA-Factory v1 SFT sample: ``messages`` (typed parts, loss_weight), optional ``tools`` (a JSON string)."""
+    r = _require_object(record, "lf_v1")
+    if "messages" not in r:
+        raise DataError("missing field 'messages'")
+    _refuse_record_keys(r, LF_V1_RECORD_KEYS)
+    tools = normalize_tools(r.get("tools")) or []
+    messages = _lf_v1_messages(r["messages"], "messages", tools)
+    return [_conversation(messages, _lf_v1_meta(r), tools=tools or None)]
+
+
+def from_lf_v1_dpo(record: Any) -> list[Example]:
+    """LLaMA-Factory v1 DPO sample: ``chosen_messages`` and ``rejected_messages``, two full conversations whose shared
+    turns are the prompt."""
+    r = _require_object(record, "lf_v1_dpo")
+    for key in ("chosen_messages", "rejected_messages"):
+        if key not in r:
+            raise DataError(f"missing field '{key}'")
+    _refuse_record_keys(r, ("chosen_messages", "rejected_messages", "tools", "margin", "extra_info", "_dataset_name"))
+    tools = normalize_tools(r.get("tools")) or []
+    chosen = _lf_v1_messages(r["chosen_messages"], "chosen_messages", tools)
+    rejected = _lf_v1_messages(r["rejected_messages"], "rejected_messages", tools)
+    validate_messages(chosen, what="chosen_messages")
+    validate_messages(rejected, what="rejected_messages")
+    prompt, c, rj = split_shared_prefix(chosen, rejected)
+    return [_pair(prompt, c, rj, _lf_v1_meta(r), _margin(r), tools or None)]
+
+
+def _looks_lf_v1(record: dict) -> bool:
+    msgs = record.get("messages")
+    if not isinstance(msgs, list):
+        return False
+    for m in msgs:
+        if isinstance(m, dict):
+            if "loss_weight" in m:
+                return True
+            c = m.get("content")
+            if isinstance(c, list) and any(isinstance(p, dict) and "value" in p and "text" not in p for p in c):
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Unpaired (KTO) and plain text
+# ---------------------------------------------------------------------------------------------------------------------
+
+KTO_LABEL_KEYS = ("label", "kto_tag")
+
+
+def _kto_label(r: dict) -> bool:
+    keys = [k for k in KTO_LABEL_KEYS if k in r]
+    if len(keys) != 1:
+        raise DataError("an unpaired (KTO) record needs exactly one of 'label' or 'kto_tag' (true = desirable, "
+                        "false = undesirable)")
+    value = r[keys[0]]
+    if not isinstance(value, bool):
+        raise DataError(f"field '{keys[0]}' must be true (desirable) or false (undesirable), got {_short(value)}")
+    return value
+
+
+def _unpaired(prompt: list[Message], completion: list[Message], label: bool, meta: dict, tools) -> UnpairedExample:
+    n = len(prompt)
+    ex = UnpairedExample(apply_options(prompt, tools), apply_options(completion, tools, n), label, dict(meta), tools)
+    validate_unpaired(ex)
+    return ex
+
+
+def split_completion(messages: list[Message]) -> tuple[list[Message], list[Message]]:
+    """A whole conversation -> (prompt, completion): the completion is the assistant turn(s) after the last user or
+    tool turn."""
+    k = len(messages)
+    while k > 0 and messages[k - 1].role == "assistant":
+        k -= 1
+    return messages[:k], messages[k:]
+
+
+def from_kto(record: Any) -> list[Example]:
+    """Unpaired (KTO) data -> one UnpairedExample: ``messages`` (OpenAI) or ``conversations`` (ShareGPT) whose last
+    assistant turn is the completion, or ``prompt`` + ``completion`` (strings or message lists; TRL's unpaired
+    format and the internal form); the label from ``label`` or ``kto_tag``."""
+    r = _require_object(record, "kto")
+    label = _kto_label(r)
+    meta = r.get("meta") if isinstance(r.get("meta"), dict) else {}
+    meta = dict(meta, **_scalar_meta(r, ("id",)))
+    if r.get("meta") is not None and not isinstance(r.get("meta"), dict):
+        raise DataError(f"field 'meta' must be an object, got {_typename(r.get('meta'))}")
+    label_key = next(k for k in KTO_LABEL_KEYS if k in r)
+    if "messages" in r or "conversations" in r:
+        key = "messages" if "messages" in r else "conversations"
+        _refuse_record_keys({k: v for k, v in r.items() if k != label_key},
+                            (key, "tools", "meta", "id", "system"))
+        msgs = (_openai_messages(r[key], key) if key == "messages"
+                else _with_system(r, _sharegpt_messages(r[key], key)))
+        prompt, completion = split_completion(msgs)
+        if not completion:
+            raise DataError(f"'{key}' does not end with an assistant turn: there is no completion to label")
+    else:
+        for key in ("prompt", "completion"):
+            if key not in r:
+                raise DataError(f"missing field '{key}' (an unpaired record is messages + label, or prompt + "
+                                "completion + label)")
+        _refuse_record_keys({k: v for k, v in r.items() if k != label_key},
+                            ("prompt", "completion", "tools", "meta", "id", "system"))
+        prompt = _with_system(r, _text_or_messages(r["prompt"], "prompt", "user"))
+        completion = _text_or_messages(r["completion"], "completion", "assistant")
+    return [_unpaired(prompt, completion, label, meta, normalize_tools(r.get("tools")))]
+
+
+def from_text(record: Any) -> list[Example]:
+    """Plain text: ``{"text": ..., "meta"?, "id"?}`` -> TextExample."""
+    r = _require_object(record, "text")
+    text = _get_str(r, "text")
+    for k in r:
+        if k not in ("text", "meta", "id"):
+            raise DataError(f"unknown field {_short(k, 40)} in a plain-text record (known: text, meta, id)")
+    meta = r.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise DataError(f"field 'meta' must be an object, got {_typename(meta)}")
+    ex = TextExample(text, dict(meta or {}, **_scalar_meta(r, ("id",))))
+    validate_text(ex)
+    return [ex]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Registry and detection
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -880,9 +1177,26 @@ FORMATS: dict[str, Adapter] = {
     "hh_rlhf": from_hh_rlhf,
     "ranked": from_ranked,
     "oasst_ranked": from_oasst_ranked,
+    "lf_v1": from_lf_v1,
+    "lf_v1_dpo": from_lf_v1_dpo,
+    "kto": from_kto,
+    "text": from_text,
 }
 
-PREFERENCE_FORMATS = frozenset({"preference", "sharegpt_preference", "hh_rlhf", "ranked", "oasst_ranked"})
+PREFERENCE_FORMATS = frozenset({"preference", "sharegpt_preference", "hh_rlhf", "ranked", "oasst_ranked", "lf_v1_dpo"})
+UNPAIRED_FORMATS = frozenset({"kto"})
+TEXT_FORMATS = frozenset({"text"})
+
+
+def format_kind(fmt: str) -> str:
+    """The kind of example a (canonical) format gives: conversation, preference, unpaired or text."""
+    if fmt in PREFERENCE_FORMATS:
+        return "preference"
+    if fmt in UNPAIRED_FORMATS:
+        return "unpaired"
+    if fmt in TEXT_FORMATS:
+        return "text"
+    return "conversation"
 
 ALIASES = {
     "openai": "messages",
@@ -901,6 +1215,16 @@ ALIASES = {
     "ranking": "ranked",
     "kwise": "ranked",
     "oasst_trees": "oasst_ranked",
+    "llama_factory_v1": "lf_v1",
+    "llamafactory_v1": "lf_v1",
+    "llama_factory_v1_dpo": "lf_v1_dpo",
+    "llamafactory_v1_dpo": "lf_v1_dpo",
+    "unpaired": "kto",
+    "kto_unpaired": "kto",
+    "internal_unpaired": "kto",
+    "plain_text": "text",
+    "txt": "text",
+    "pretrain": "text",
 }
 
 
@@ -919,10 +1243,19 @@ def detect_format(record: Any) -> str:
     if not isinstance(record, dict):
         raise DataError(f"cannot detect the format of a {_typename(record)} record: expected a JSON object")
     keys = set(record)
+    labelled = bool(keys & set(KTO_LABEL_KEYS))
+    if {"chosen_messages", "rejected_messages"} & keys:
+        return "lf_v1_dpo"
     if "messages" in keys:
-        return "messages"
+        if labelled:
+            return "kto"
+        return "lf_v1" if _looks_lf_v1(record) else "messages"
     if "conversations" in keys:
+        if labelled:
+            return "kto"
         return "sharegpt_preference" if {"chosen", "rejected"} <= keys else "sharegpt"
+    if labelled and {"prompt", "completion"} <= keys:
+        return "kto"
     if {"chosen", "rejected"} <= keys:
         chosen = record["chosen"]
         if "prompt" not in keys and isinstance(chosen, str) and HH_TURN.search(chosen):
@@ -948,14 +1281,21 @@ def detect_format(record: Any) -> str:
         return "prompt_completion"
     if "prompt" in keys:
         return "prompt_only"
+    if "text" in keys and isinstance(record["text"], str):
+        return "text"
     shown = ", ".join(_short(k, 30) for k in sorted(keys, key=str)[:12])
     raise DataError(f"cannot detect the format from the keys [{shown}]; pass format= one of {', '.join(FORMATS)}")
 
 
-def convert_record(record: Any, fmt: str) -> list[Example]:
-    """One record in format ``fmt`` (canonical name, not "auto") -> examples; raises only DataError."""
+def convert_record(record: Any, fmt: str, options: ReadOptions | None = None) -> list[Example]:
+    """One record in format ``fmt`` (canonical name, not "auto") -> examples; raises only DataError. ``options``: how
+    assistant turns are read (Hermes tool calls, <think> blocks; see ReadOptions)."""
     try:
         adapter = FORMATS[fmt]
     except KeyError:
         raise DataError(f"unknown format '{fmt}'") from None
-    return adapter(record)
+    token = _OPTIONS.set(options or ReadOptions())
+    try:
+        return adapter(record)
+    finally:
+        _OPTIONS.reset(token)

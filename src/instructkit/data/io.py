@@ -8,6 +8,13 @@ Locations: JSONL records are named by their 1-based physical line number (``file
 datasets rows by their 0-based record index (``file record 3``). Every example's meta carries ``source``, ``line`` or
 ``record``, and ``format``.
 
+Plain text: a ``.txt`` file (optionally .gz) gives one ``{"text": line}`` record per non-blank line (located by its
+line number), read as the ``text`` format: what the ``text`` loader of Hugging Face datasets does. Blank lines are
+separators, not records.
+
+Kinds: ``expect`` ("conversation", "preference", "unpaired", "text") refuses a file of another kind before reading
+it, saying what the file holds and what to do with it (KTO data -> ``instructkit kto``; plain text is not chat data).
+
 Strict mode (default) raises the first ``DataError``. Skip mode (``skip_invalid=True``) writes each rejected record
 (location, reason, raw value) as one JSONL line to ``rejects_path``, counts it in ``ReadStats``, and raises at the end
 if ``rejected / total > max_invalid_fraction``. ``kept + rejected == total`` always (records, not examples: a
@@ -28,9 +35,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from instructkit.data import formats as F
-from instructkit.data.schema import Conversation, DataError, Example, PreferencePair
+from instructkit.data.schema import Conversation, DataError, Example, PreferencePair, TextExample, UnpairedExample
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".jsonl.gz", ".ndjson.gz", ".json.gz")
+TEXT_SUFFIXES = (".txt", ".txt.gz")
 CHUNK = 1 << 20
 MAX_ELEMENT_CHARS = 1 << 28  # a JSON array element larger than this is reported instead of buffered further
 
@@ -107,12 +115,13 @@ def _is_hf_dataset_dir(path: Path) -> bool:
 
 
 def data_files(path: Path) -> list[Path]:
-    """The data files inside a folder (recursively, sorted), for folders that are not saved HF datasets."""
-    return sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES) and not p.name.startswith(".")
-    )
+    """The data files inside a folder (recursively, sorted), for folders that are not saved HF datasets. A folder of
+    only .txt files is a plain-text corpus; beside JSON / Parquet data, .txt files are notes and are not read."""
+    def files(suffixes):
+        return sorted(p for p in path.rglob("*")
+                      if p.is_file() and p.name.lower().endswith(suffixes) and not p.name.startswith("."))
+
+    return files(DATA_SUFFIXES) or files(TEXT_SUFFIXES)
 
 
 def iter_records(path: str | Path, *, split: str | None = None) -> Iterator[RawRecord]:
@@ -128,7 +137,8 @@ def iter_records(path: str | Path, *, split: str | None = None) -> Iterator[RawR
             return
         files = data_files(p)
         if not files:
-            raise DataError(f"no data files ({', '.join(DATA_SUFFIXES)}) and no saved dataset in folder", source=str(p))
+            raise DataError(f"no data files ({', '.join(DATA_SUFFIXES + TEXT_SUFFIXES)}) and no saved dataset in folder",
+                            source=str(p))
         for f in files:
             yield from iter_records(f)
         return
@@ -138,6 +148,8 @@ def iter_records(path: str | Path, *, split: str | None = None) -> Iterator[RawR
             yield from _iter_parquet(p)
         elif name.endswith((".jsonl", ".ndjson")):
             yield from _iter_jsonl(p)
+        elif name.endswith(".txt"):
+            yield from _iter_text(p)
         else:
             yield from _iter_json_or_jsonl(p)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a corrupt or truncated .gz
@@ -170,6 +182,34 @@ def _iter_jsonl(p: Path) -> Iterator[RawRecord]:
                 yield RawRecord(src, lineno, None, raw_text=text[:1000], error=err)
                 continue
             yield RawRecord(src, lineno, None, value=value)
+
+
+def _iter_text(p: Path) -> Iterator[RawRecord]:
+    """A .txt file: one ``{"text": line}`` record per non-blank line (line endings removed)."""
+    src = str(p)
+    with _open_binary(p) as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawRecord(src, lineno, None, raw_text=repr(raw[:200]),
+                                error=DataError(f"line is not valid UTF-8 ({e.reason})"))
+                continue
+            text = text.rstrip("\r\n")
+            if lineno == 1:
+                text = text.lstrip("\ufeff")
+            if text.strip():
+                yield RawRecord(src, lineno, None, value={"text": text})
+
+
+def _is_text_file(path: Path) -> bool:
+    """A .txt file, or a folder whose data files are .txt files."""
+    if path.is_dir():
+        if _is_hf_dataset_dir(path):
+            return False
+        found = data_files(path)
+        return bool(found) and all(_strip_gz(f.name.lower()).endswith(".txt") for f in found)
+    return _strip_gz(path.name.lower()).endswith(".txt")
 
 
 def _read_text_start(p: Path, n: int = 4096) -> str:
@@ -437,28 +477,33 @@ def iter_examples(
     split: str | None = None,
     expect: str | None = None,
     max_examples: int | None = None,
+    tool_call_format: str = "auto",
+    split_think: bool = False,
 ) -> Iterator[Example]:
     """Stream the examples of a file or folder (see the module docstring).
 
     ``stats`` (a ReadStats you pass in) is filled as the generator runs. ``all_paths``: oasst trees give every
     root-to-leaf path, not only the best-ranked one. ``split``: which split of a saved DatasetDict. ``expect``:
-    "conversation" or "preference" to refuse the other kind with a clear error. ``max_examples``: stop after that
-    many examples (the stats then cover the records read so far).
+    "conversation", "preference", "unpaired" or "text" to refuse the other kinds with a clear error.
+    ``max_examples``: stop after that many examples (the stats then cover the records read so far).
+    ``tool_call_format``, ``split_think``: how assistant turns are read (formats.ReadOptions; DataConfig's fields of
+    those names).
     """
     stats = stats if stats is not None else ReadStats()
     stats.sources.append(str(path))
     if not 0.0 <= max_invalid_fraction <= 1.0:
         raise DataError(f"max_invalid_fraction must be in [0, 1], got {max_invalid_fraction}")
     fmt = F.canonical_format(format)
+    options = F.ReadOptions(tool_call_format=tool_call_format, split_think=split_think)
     records = iter_records(path, split=split)
     buffered: list[RawRecord] = []
     if fmt == "auto":
-        fmt = _detect(records, buffered)
+        fmt = "text" if _is_text_file(Path(path)) else _detect(records, buffered)
     stats.format = fmt
     if expect is not None:
-        kind = "preference" if fmt in F.PREFERENCE_FORMATS else "conversation"
+        kind = F.format_kind(fmt)
         if kind != expect:
-            raise DataError(f"format '{fmt}' holds {kind} data, but {expect} data is expected", source=str(path))
+            raise DataError(wrong_kind(fmt, kind, expect), source=str(path))
 
     def all_records() -> Iterator[RawRecord]:
         yield from buffered
@@ -485,7 +530,7 @@ def iter_examples(
                 try:
                     if rec.error is not None:
                         raise rec.error
-                    examples = F.convert_record(rec.value, fmt)
+                    examples = F.convert_record(rec.value, fmt, options)
                 except DataError as e:
                     reject(rec, e)
                     continue
@@ -506,6 +551,18 @@ def iter_examples(
             f"max_invalid_fraction={max_invalid_fraction}: {top}{where}",
             source=str(path),
         )
+
+
+def wrong_kind(fmt: str, kind: str, expect: str) -> str:
+    """Why a file of one kind cannot be read where another is expected, and what to do instead."""
+    if kind == "unpaired":
+        return (f"format '{fmt}' holds unpaired (KTO) data: each example has a 'label' key (or 'kto_tag') marking its "
+                f"completion desirable or not, so it is not {expect} data (as SFT data its undesirable answers would "
+                "be trained on): train it with the KTO recipe, `instructkit kto`")
+    if kind == "text":
+        return (f"format '{fmt}' holds plain text (no roles, no prompt/response), not {expect} data: use it for "
+                "continued pre-training or the PPO-ptx mix, or convert it to conversations first")
+    return f"format '{fmt}' holds {kind} data, but {expect} data is expected"
 
 
 def _oasst_examples(records, stats: ReadStats, reject, all_paths: bool, max_examples: int | None):
@@ -553,6 +610,16 @@ def read_conversations(path: str | Path, format: str = "auto", **kwargs: Any) ->
 
 def read_pairs(path: str | Path, format: str = "auto", **kwargs: Any) -> list[PreferencePair]:
     return read_examples(path, format, expect="preference", **kwargs)  # type: ignore[return-value]
+
+
+def read_unpaired(path: str | Path, format: str = "auto", **kwargs: Any) -> list[UnpairedExample]:
+    """KTO data: UnpairedExamples (a file of another kind is refused)."""
+    return read_examples(path, format, expect="unpaired", **kwargs)  # type: ignore[return-value]
+
+
+def read_texts(path: str | Path, format: str = "auto", **kwargs: Any) -> list[TextExample]:
+    """Plain text: TextExamples (a file of another kind is refused)."""
+    return read_examples(path, format, expect="text", **kwargs)  # type: ignore[return-value]
 
 
 def write_jsonl(path: str | Path, examples: Iterable[Example | dict]) -> int:
