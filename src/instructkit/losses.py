@@ -138,6 +138,76 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     return loss, metrics
 
 
+GRPO_AGGREGATIONS = ("sequence", "token", "constant")
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
+                        ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
+                        aggregation: str = "sequence", num_sequences: float | None = None,
+                        num_tokens: float | None = None, max_length: int | None = None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's clipped surrogate with a k3 KL to a reference, per token, and three ways to aggregate it.
+
+    Per token t of response i (Shao et al. 2024, DeepSeekMath eq. 3; clip-higher of Yu et al. 2025, DAPO eq. 10):
+
+        ratio_it = exp(logp_it - logp_old_it)
+        l_it     = -min(ratio_it A_i, clip(ratio_it, 1 - eps_low, 1 + eps_high) A_i) + beta k3_it
+        k3_it    = exp(logp_ref_it - logp_it) - (logp_ref_it - logp_it) - 1      (>= 0; 0 when pi = pi_ref)
+
+    Aggregation (the normalisers are the whole optimizer step's, so that micro-batches that each return their part
+    sum to the loss of the full batch: pass ``num_sequences`` / ``num_tokens`` of the step; by default this batch's):
+
+        sequence (GRPO):     L = 1/N_seq  sum_i 1/|o_i| sum_t l_it          (sequence-mean of token-means)
+        token (DAPO eq. 12): L = 1/N_tok  sum_i sum_t l_it                  (every token weighs the same)
+        constant (Dr. GRPO): L = 1/(N_seq L_max) sum_i sum_t l_it          (no length bias; L_max = ``max_length``)
+
+    Shapes: logprobs, old_logprobs, ref_logprobs, mask: (B, T) over response tokens (mask 1 on real ones);
+    advantages: (B,) one per response, or (B, T). On the first update of a rollout batch logprobs == old_logprobs,
+    so ratio = 1 exactly and the loss's gradient is -A_i d logp_it (the REINFORCE estimator with the group baseline).
+    Metrics: clip fractions (low: ratio < 1 - eps_low with A < 0; high: ratio > 1 + eps_high with A > 0), the mean
+    ratio, approx_kl to the rollout policy (k2), and the mean k3 KL to the reference when given.
+    """
+    if aggregation not in GRPO_AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {GRPO_AGGREGATIONS}")
+    mask = mask.to(logprobs.dtype)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
+    log_ratio = (logprobs - old_logprobs) * mask  # (B, T); masked so padding cannot overflow exp
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)  # (B, T)
+    kl = None
+    if ref_logprobs is not None:
+        d = (ref_logprobs - logprobs) * mask
+        kl = torch.expm1(d) - d  # (B, T): k3 of Schulman (2020), as DeepSeekMath writes it
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+    per_token = per_token * mask
+    lengths = mask.sum(dim=1)  # (B,)
+    n_seq = float(num_sequences) if num_sequences is not None else float(logprobs.shape[0])
+    if aggregation == "sequence":
+        loss = (per_token.sum(dim=1) / lengths.clamp(min=1.0)).sum() / max(n_seq, 1.0)
+    elif aggregation == "token":
+        n_tok = num_tokens if num_tokens is not None else float(lengths.sum())
+        loss = per_token.sum() / max(float(n_tok), 1.0)
+    else:
+        if not max_length:
+            raise ValueError("aggregation 'constant' (Dr. GRPO) needs max_length, the longest response allowed")
+        loss = per_token.sum() / (max(n_seq, 1.0) * float(max_length))
+    with torch.no_grad():
+        adv_full = adv.expand_as(ratio)
+        metrics = {
+            "clipfrac_low": masked_mean(((ratio < 1.0 - clip_low) & (adv_full < 0)).to(ratio.dtype), mask),
+            "clipfrac_high": masked_mean(((ratio > 1.0 + clip_high) & (adv_full > 0)).to(ratio.dtype), mask),
+            "ratio": masked_mean(ratio, mask),
+            "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask),
+        }
+        if kl is not None:
+            metrics["kl"] = masked_mean(kl, mask)
+    return loss, metrics
+
+
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                    clip_eps: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss (Schulman et al. 2017 baselines; Ziegler et al. 2019; the TRL/OpenAI PPO implementations).
@@ -442,3 +512,97 @@ def sft_loss_fused(hidden: torch.Tensor, labels: torch.Tensor, output_layer,
             return _FusedLinearCrossEntropy.apply(h, weight, target, logit_softcap, chunk_rows,
                                                   torch.get_autocast_dtype(device_type)), n_tokens
     return _FusedLinearCrossEntropy.apply(h, weight, target, logit_softcap, chunk_rows), n_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The rest of the preference family: KTO (unpaired labels, with a reference), ORPO and SimPO (no reference).
+# Shapes: B = examples or pairs. "logps" are summed response log-probs, "avg_logps" per-token means.
+# ---------------------------------------------------------------------------------------------------------------------
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl_baseline: torch.Tensor,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, eq. 8), from unpaired desirable / undesirable examples.
+
+        r(x, y) = log pi(y|x) - log ref(y|x)
+        z0      = max(0, E_{x, y'} [ log pi(y'|x) - log ref(y'|x) ])     (detached; y' a response to another prompt)
+        v(x, y) = lambda_D sigma(beta (r - z0))   if y is desirable
+                  lambda_U sigma(beta (z0 - r))   if y is undesirable
+        loss    = mean_b  lambda_y - v(x_b, y_b)   =  mean_b lambda_y (1 - sigma(...))
+
+    ``kl_baseline`` is z0, computed by the caller from mismatched pairs (see :func:`kto_kl_baseline`) over the whole
+    step and across processes; it is treated as a constant. Shapes: policy_logps, ref_logps: (B,); desirable: (B,)
+    bool; kl_baseline: scalar. When the policy equals the reference r = 0 and z0 = 0, so each term is lambda_y / 2.
+    Metrics: mean implicit reward of desirable and undesirable examples and the baseline z0.
+    """
+    r = policy_logps - ref_logps  # (B,)
+    z0 = torch.as_tensor(kl_baseline, dtype=r.dtype, device=r.device).detach().clamp(min=0.0)
+    desirable = desirable.to(torch.bool)
+    value = torch.where(desirable, torch.sigmoid(beta * (r - z0)), torch.sigmoid(beta * (z0 - r)))  # (B,)
+    weight = torch.where(desirable, torch.full_like(r, desirable_weight), torch.full_like(r, undesirable_weight))
+    loss = (weight * (1.0 - value)).mean()
+    with torch.no_grad():
+        d, u = desirable.to(r.dtype), (~desirable).to(r.dtype)
+        metrics = {
+            "rewards_desirable": (beta * r * d).sum() / d.sum().clamp(min=1.0),
+            "rewards_undesirable": (beta * r * u).sum() / u.sum().clamp(min=1.0),
+            "kl_baseline": z0,
+        }
+    return loss, metrics
+
+
+def kto_kl_baseline(mismatched_policy_logps: torch.Tensor, mismatched_ref_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 = max(0, mean_m (log pi(y'_m|x_m) - log ref(y'_m|x_m))), detached, from M mismatched
+    (prompt, response of another prompt) pairs (Ethayarajh et al. 2024, section 4.1: a biased but practical estimate
+    of KL(pi || ref)). Shapes: (M,) -> scalar."""
+    return (mismatched_policy_logps - mismatched_ref_logps).mean().detach().clamp(min=0.0)
+
+
+def orpo_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, chosen_nll: torch.Tensor,
+              lam: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Odds Ratio Preference Optimization (Hong et al. 2024, eq. 6-7): SFT on the chosen response plus an odds-ratio
+    term, no reference model.
+
+        P(y|x)   = exp( 1/|y| sum_t log pi(y_t | x, y_<t) )      (length-normalised likelihood; avg_logps = its log)
+        odds(y)  = P / (1 - P);    log odds = avg_logp - log(1 - exp(avg_logp))
+        L_OR     = -log sigmoid( log odds(y_w) - log odds(y_l) )
+        loss     = L_SFT + lambda * mean_b L_OR
+
+    ``chosen_nll`` is L_SFT (the mean next-token NLL of the chosen responses, computed by the caller). Shapes:
+    chosen_avg_logps, rejected_avg_logps: (B,), each < 0; chosen_nll: scalar. With equal likelihoods L_OR = log 2.
+    Metrics: the odds-ratio term, the mean log odds ratio, accuracy (chosen odds > rejected odds).
+    """
+    def log_odds(avg):  # log(P / (1 - P)) with P = exp(avg) < 1; log1p(-exp(a)) is exact near P -> 0
+        return avg - torch.log1p(-torch.exp(avg))
+
+    log_odds_ratio = log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps)  # (B,)
+    or_term = -F.logsigmoid(log_odds_ratio).mean()
+    loss = chosen_nll + lam * or_term
+    metrics = {
+        "or_loss": or_term.detach(),
+        "log_odds_ratio": log_odds_ratio.detach().mean(),
+        "reward_accuracy": (log_odds_ratio > 0).to(log_odds_ratio.dtype).mean().detach(),
+        "nll": torch.as_tensor(chosen_nll).detach(),
+    }
+    return loss, metrics
+
+
+def simpo_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, beta: float = 2.0,
+               gamma: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Simple Preference Optimization (Meng et al. 2024, eq. 6): a length-normalised margin, no reference model.
+
+        loss = mean_b  -log sigmoid( beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma )
+
+    Shapes: chosen_avg_logps, rejected_avg_logps (B,) = (1/|y|) log pi(y|x). ``gamma`` is the target reward margin
+    (TRL's ``gamma_beta_ratio`` is gamma / beta). With equal average log-probs the loss is -log sigmoid(-gamma) =
+    log(1 + e^gamma). Metrics: implicit rewards beta * avg_logp of each side, their margin and accuracy.
+    """
+    chosen_r = beta * chosen_avg_logps
+    rejected_r = beta * rejected_avg_logps
+    losses = -F.logsigmoid(chosen_r - rejected_r - gamma)
+    metrics = {
+        "rewards_chosen": chosen_r.detach().mean(),
+        "rewards_rejected": rejected_r.detach().mean(),
+        "reward_margin": (chosen_r - rejected_r).detach().mean(),
+        "reward_accuracy": (chosen_r > rejected_r).to(chosen_r.dtype).mean().detach(),
+    }
+    return losses.mean(), metrics

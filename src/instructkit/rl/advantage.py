@@ -172,3 +172,44 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Critic-free advantages for RL with verifiable rewards: one scalar per response, shared by all its tokens.
+# Shapes: P = prompts, G = responses sampled per prompt (the group).
+# ---------------------------------------------------------------------------------------------------------------------
+GROUP_ADVANTAGES = ("grpo", "rloo")
+
+
+def group_advantages(rewards: torch.Tensor, kind: str = "grpo", scale_by_std: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """Advantages of the G responses of each prompt relative to their own group.
+
+        grpo (Shao et al. 2024, DeepSeekMath eq. 3-4):  A_i = (r_i - mean_j r_j) / (std_j r_j + eps)
+             with ``scale_by_std=False`` (Liu et al. 2025, "Dr. GRPO"): A_i = r_i - mean_j r_j
+        rloo (Kool et al. 2019; Ahmadian et al. 2024):   A_i = r_i - 1/(G-1) sum_{j != i} r_j
+                                                             = G/(G-1) (r_i - mean_j r_j)
+
+    std is the sample standard deviation (Bessel-corrected, as TRL's GRPOTrainer computes it). A group whose rewards
+    are all equal gets A = 0 for every response (it carries no learning signal). Shapes: rewards (P, G) -> (P, G).
+    RLOO needs G >= 2.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (prompts, group) shaped, got {tuple(rewards.shape)}")
+    g = rewards.shape[1]
+    centred = rewards - rewards.mean(dim=1, keepdim=True)  # (P, G)
+    if kind == "grpo":
+        if scale_by_std and g > 1:
+            return centred / (rewards.std(dim=1, keepdim=True) + eps)
+        return centred
+    if kind == "rloo":
+        if g < 2:
+            raise ValueError("rloo needs at least 2 responses per prompt (a leave-one-out baseline)")
+        return centred * (g / (g - 1))
+    raise ValueError(f"unknown advantage {kind!r}; expected one of {GROUP_ADVANTAGES}")
+
+
+def equal_reward_groups(rewards: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
+    """(P,) bool: groups whose G rewards are all equal (max - min <= tol). DAPO's dynamic sampling (Yu et al. 2025)
+    drops them: their advantages are 0, so they add no gradient but dilute the token-mean of the batch."""
+    return (rewards.max(dim=1).values - rewards.min(dim=1).values) <= tol
