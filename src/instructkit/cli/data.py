@@ -96,6 +96,8 @@ def register(subparsers) -> None:
     p.add_argument("--report", default=None, metavar="FILE", help="write one JSON line per removed example")
     p.set_defaults(func=cmd_filter)
 
+    _add_constraints_parser(sub)
+
     from instructkit.cli.tasks import add_build_mixture_parser  # task bank mixtures (cli/tasks.py)
 
     add_build_mixture_parser(sub)
@@ -510,4 +512,69 @@ def cmd_filter(args) -> int:
             for f in report.removed
         ),
     )
+    return 0
+
+
+def _add_constraints_parser(sub) -> None:
+    p = sub.add_parser("add-constraints",
+                       help="prompts for RL with verifiable rewards: append checkable constraints (Tülu 3 style)")
+    p.add_argument("input", help="any data file: the prompt of each example is kept, its answer dropped")
+    p.add_argument("output", help="prompt records (JSONL) carrying their constraints for the `constraints` reward")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--min", dest="n_min", type=int, default=1, help="fewest constraints per prompt (default 1)")
+    p.add_argument("--max", dest="n_max", type=int, default=1, help="most constraints per prompt (default 1)")
+    p.add_argument("--kinds", default="", help="comma-separated IFEval instruction ids to draw from (default: all "
+                                               "of data/constraints.py's catalogue)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", action="append", default=[], metavar="FILE",
+                   help="evaluation prompts (e.g. IFEval's input_data.jsonl) that must not become training prompts")
+    p.add_argument("--ngram", type=int, default=8, help="words per n-gram of the contamination check (default 8)")
+    p.add_argument("--drop-contaminated", action="store_true",
+                   help="drop prompts that overlap an --eval set (written to --rejects) instead of refusing")
+    p.add_argument("--rejects", default=None, metavar="FILE", help="where dropped prompts go (default OUTPUT.rejects)")
+    p.set_defaults(func=cmd_add_constraints)
+
+
+def cmd_add_constraints(args) -> int:
+    """Constraint-augmented prompts, checked against evaluation sets: a source prompt sharing an n-gram with an
+    evaluation prompt is refused (exit 1, naming it) or, with --drop-contaminated, dropped and counted."""
+    from instructkit.data.constraints import add_constraints
+    from instructkit.data.io import read_examples
+    from instructkit.data.schema import Conversation, Message
+    from instructkit.data.sources import prompt_messages_of
+    from instructkit.eval.contamination import check_contamination
+
+    examples = read_examples(args.input, args.format)
+    evals = []
+    for path in args.eval:
+        evals += [Conversation(prompt_messages_of(ex) or [Message("user", "")]) for ex in read_examples(path)]
+    dropped: list[tuple[int, str]] = []
+    if evals:
+        prompts = [Conversation(prompt_messages_of(ex), {"task": str(i)}) for i, ex in enumerate(examples)]
+        report = check_contamination(evals, prompts, n=args.ngram, what="prompt")
+        dropped = [(o.index, o.ngram) for o in report.overlaps]
+        if dropped and not args.drop_contaminated:
+            i, gram = dropped[0]
+            print(f"{args.input}: {len(dropped)} of {len(examples)} prompts overlap the evaluation set(s) "
+                  f"{', '.join(args.eval)} (first: example {i}, shared words '{gram}'); evaluation prompts must "
+                  "never be trained on. Remove them or pass --drop-contaminated.", file=sys.stderr)
+            return 1
+    bad = {i for i, _ in dropped}
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    keep = [ex for i, ex in enumerate(examples) if i not in bad]
+    records = add_constraints(keep, n_min=args.n_min, n_max=args.n_max, seed=args.seed, kinds=kinds or None)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    if dropped:
+        rejects = args.rejects or args.output + ".rejects"
+        with open(rejects, "w", encoding="utf-8") as f:
+            for i, gram in dropped:
+                f.write(json.dumps({"index": i, "reason": "overlaps an evaluation prompt", "ngram": gram,
+                                    "prompt": [m.to_dict() for m in prompt_messages_of(examples[i])]},
+                                   ensure_ascii=False) + "\n")
+        print(f"dropped {len(dropped)} prompts that overlap the evaluation set(s) (see {rejects})")
+    n_cons = sum(len(r["constraints"]) for r in records)
+    print(f"wrote {len(records)} prompts with {n_cons} constraints to {args.output}")
     return 0
