@@ -87,3 +87,20 @@ def test_combined_reward_weights_and_logs_each_component():
         CombinedReward([{"weight": 1.0}])
     with pytest.raises(ValueError, match="no reward given"):
         CombinedReward([])
+
+
+def test_gsm8k_records_read_as_conversations_the_reward_can_score(tmp_path):
+    from instructkit.data.io import read_examples
+
+    p = tmp_path / "gsm.jsonl"
+    p.write_text(json.dumps({"question": "Janet has 16 eggs and eats 3. How many are left?",
+                             "answer": "She has 16 - 3 = <<16-3=13>>13 left.\n#### 13"}) + "\n")
+    (conv,) = read_examples(str(p))
+    assert conv.meta["format"] == "gsm8k" and conv.meta["answer"].endswith("#### 13")
+    assert conv.messages[1].content == "She has 16 - 3 = 13 left.\n#### 13"  # calculator annotation removed
+    assert gsm([conv.messages[1].content], [conv.meta["answer"]]) == [1.0]
+    p.write_text(json.dumps({"question": "Q?", "answer": "no final line"}) + "\n")
+    with pytest.raises(Exception, match="cannot detect the format"):
+        read_examples(str(p))  # a question/answer file without '#### N' is not taken for GSM8K
+    with pytest.raises(Exception, match="no final '#### N' line"):
+        read_examples(str(p), "gsm8k")

@@ -35,6 +35,9 @@ lf_v1_dpo              LLaMA-Factory v1 DPO: ``chosen_messages`` / ``rejected_me
 kto                    unpaired (KTO) data -> UnpairedExample: ``messages`` (or ShareGPT ``conversations``) plus
                        ``label`` / ``kto_tag`` true or false (LLaMA-Factory's kto_en_demo); TRL's unpaired
                        ``prompt``, ``completion``, ``label``; also the internal unpaired JSONL
+gsm8k                  GSM8K: ``question``, ``answer`` (a worked solution ending in ``#### N``): the question as the
+                       user turn, the solution without its ``<<a*b=c>>`` calculator annotations as the answer, and
+                       the original solution in meta ``answer`` (what the ``gsm8k`` reward of rl/rewards.py reads)
 text                   plain text -> TextExample: ``{"text": ...}`` records, or a .txt file (one example per non-blank
                        line, as the ``text`` loader of Hugging Face datasets)
 =====================  ==============================================================================================
@@ -499,6 +502,26 @@ def from_prompt_only(record: Any) -> list[Example]:
     prompt = _text_or_messages(r["prompt"], "prompt", "user")
     meta = {k: v for k, v in r.items() if k not in ("prompt", "meta", "source", "line", "record", "format")}
     return [_conversation(prompt, meta, final="user")]
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def from_gsm8k(record: Any) -> list[Example]:
+    """GSM8K (Cobbe et al. 2021): the question, and its solution with the calculator annotations removed."""
+    r = _require_object(record, "gsm8k")
+    for key in ("question", "answer"):
+        if not isinstance(r.get(key), str) or not r[key].strip():
+            raise DataError(f"field '{key}' must be a non-empty string")
+    if "####" not in r["answer"]:
+        raise DataError("field 'answer' has no final '#### N' line")
+    extra = sorted(set(r) - {"question", "answer"})
+    meta = {"answer": r["answer"], **_scalar_meta(r, extra)}
+    dropped = [k for k in extra if k not in meta]
+    if dropped:
+        raise DataError(f"gsm8k record has non-scalar field(s) {', '.join(dropped)}: instructkit would not use them")
+    return [_conversation([Message("user", r["question"]), Message("assistant", _CALCULATOR.sub("", r["answer"]))],
+                          meta)]
 
 
 def from_flan(record: Any) -> list[Example]:
@@ -1181,6 +1204,7 @@ FORMATS: dict[str, Adapter] = {
     "lf_v1_dpo": from_lf_v1_dpo,
     "kto": from_kto,
     "text": from_text,
+    "gsm8k": from_gsm8k,
 }
 
 PREFERENCE_FORMATS = frozenset({"preference", "sharegpt_preference", "hh_rlhf", "ranked", "oasst_ranked", "lf_v1_dpo"})
@@ -1273,6 +1297,8 @@ def detect_format(record: Any) -> str:
         return "dolly"
     if {"inputs", "targets"} <= keys:
         return "flan"
+    if {"question", "answer"} <= keys and isinstance(record["answer"], str) and "####" in record["answer"]:
+        return "gsm8k"
     if "prompt" in keys and ("responses" in keys or "completions" in keys):
         return "ranked"
     if isinstance(record.get("prompt"), dict) and "replies" in record["prompt"]:
