@@ -384,3 +384,29 @@ def test_every_example_round_trips(tmp_path):
         for a, b in zip(same, back):
             assert b.to_dict() | {"meta": None} == a.to_dict() | {"meta": None}
             assert {k: v for k, v in b.meta.items() if k not in ("source", "line", "format")} == a.meta
+
+
+def test_dedup_and_filter_on_the_new_kinds(tmp_path, capsys):
+    """Exact duplicates: a tool call's arguments, the reasoning and a KTO label make examples different."""
+    def conv(args, reasoning=None):
+        return {"messages": [{"role": "user", "content": "Weather?"},
+                             {"role": "assistant", "content": "", "reasoning": reasoning, "tool_calls": [
+                                 {"type": "function", "function": {"name": "get_weather", "arguments": args}}]},
+                             {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}],
+                "tools": [{"type": "function", "function": WEATHER}]}
+    rows = [conv('{"city": "Oslo"}'), conv('{"city": "Rome"}'), conv('{"city": "Oslo"}'),
+            conv('{"city": "Oslo"}', "think")]
+    src, out = tmp_path / "tools.jsonl", tmp_path / "dedup.jsonl"
+    src.write_text("".join(json.dumps({k: v for k, v in r.items()}) + "\n" for r in rows).replace(
+        '"reasoning": null, ', ""))
+    assert cli(["data", "dedup", str(src), str(out), "--exact-only"]) == 0
+    assert "kept 3 of 4; removed 1 exact" in capsys.readouterr().out
+    kto = [{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "completion": "c", "label": False},
+           {"prompt": "p", "completion": "c", "label": True}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in kto))
+    assert cli(["data", "dedup", str(src), str(out), "--exact-only"]) == 0
+    assert "kept 2 of 3; removed 1 exact" in capsys.readouterr().out
+    assert [e.label for e in io.read_unpaired(out)] == [True, False]
+    assert cli(["data", "filter", str(FIX / "plain_text.txt"), str(out), "--min-words", "3", "--outlier-z", "0"]) == 0
+    assert "kept 2 of 4" in capsys.readouterr().out  # "Second line." and "Last line." have 2 words
+    assert [t.text for t in io.read_texts(out)] == ["First line of a document.", "Third line after blank lines."]

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from instructkit.data.schema import Conversation, Example
+from instructkit.data.schema import Conversation, Example, Message, TextExample, UnpairedExample
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -32,14 +32,32 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+def _turn(m: Message, prefix: str = "") -> str:
+    """One turn as text: its role, reasoning, content and tool calls (two turns that differ only in their calls or
+    their reasoning are not duplicates)."""
+    text = f"{prefix}{m.role}: "
+    if m.reasoning is not None:
+        text += f"<reasoning>{m.reasoning}</reasoning> "
+    text += m.content
+    for c in m.tool_calls or ():
+        text += f" <call>{c.name} {c.arguments}</call>"
+    return text
+
+
 def example_text(ex: Example) -> str:
-    """All turns of an example with their roles (pairs: prompt, chosen and rejected), one per line."""
+    """All turns of an example with their roles (pairs: prompt, chosen and rejected; unpaired: prompt, completion and
+    the label), one per line; plain text as it is."""
+    if isinstance(ex, TextExample):
+        return ex.text
     if isinstance(ex, Conversation):
-        msgs = ex.messages
-        return "\n".join(f"{m.role}: {m.content}" for m in msgs)
-    parts = [f"{m.role}: {m.content}" for m in ex.prompt]
-    parts += [f"chosen {m.role}: {m.content}" for m in ex.chosen]
-    parts += [f"rejected {m.role}: {m.content}" for m in ex.rejected]
+        return "\n".join(_turn(m) for m in ex.messages)
+    parts = [_turn(m) for m in ex.prompt]
+    if isinstance(ex, UnpairedExample):
+        parts += [_turn(m, "completion ") for m in ex.completion]
+        parts.append(f"label: {ex.label}")
+        return "\n".join(parts)
+    parts += [_turn(m, "chosen ") for m in ex.chosen]
+    parts += [_turn(m, "rejected ") for m in ex.rejected]
     return "\n".join(parts)
 
 

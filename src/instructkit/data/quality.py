@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from instructkit.data.dedup import normalize_text
-from instructkit.data.schema import Conversation, Example, Message
+from instructkit.data.schema import Conversation, Example, Message, TextExample, UnpairedExample
 
 # Self-Instruct's filter list (Wang et al. 2022): tasks a language model cannot carry out.
 SELF_INSTRUCT_BLACKLIST = (
@@ -87,8 +87,14 @@ class QualityReport:
 
 
 def prompt_and_response(ex: Example) -> tuple[str, str]:
-    """(last user turn before the response, response): the final assistant turn, or a pair's chosen side."""
-    if isinstance(ex, Conversation):
+    """(last user turn before the response, response): the final assistant turn, a pair's chosen side, an unpaired
+    example's completion; plain text is all response."""
+    if isinstance(ex, TextExample):
+        return "", ex.text
+    if isinstance(ex, UnpairedExample):
+        prior = ex.prompt
+        response = "\n".join(m.content for m in ex.completion if m.role == "assistant")
+    elif isinstance(ex, Conversation):
         msgs: list[Message] = ex.messages
         last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=None)
         if last is None:
@@ -172,8 +178,12 @@ def quality_filter(
             if z > cfg.outlier_z:
                 fired.append(("length_outlier", f"length {n}, robust z {z:.1f} > {cfg.outlier_z}"))
         if eval_grams:
-            msgs = ex.messages if isinstance(ex, Conversation) else ex.prompt + ex.chosen
-            text = "\n".join(m.content for m in msgs)
+            if isinstance(ex, TextExample):
+                text = ex.text
+            else:
+                msgs = ex.messages if isinstance(ex, Conversation) else ex.prompt + (
+                    ex.completion if isinstance(ex, UnpairedExample) else ex.chosen)
+                text = "\n".join(m.content for m in msgs)
             if _ngrams(_words(text), cfg.contamination_ngram) & eval_grams:
                 fired.append(("contamination", f"shares a {cfg.contamination_ngram}-gram with the eval set"))
         for name, _ in fired:
