@@ -410,3 +410,34 @@ def test_dedup_and_filter_on_the_new_kinds(tmp_path, capsys):
     assert cli(["data", "filter", str(FIX / "plain_text.txt"), str(out), "--min-words", "3", "--outlier-z", "0"]) == 0
     assert "kept 2 of 4" in capsys.readouterr().out  # "Second line." and "Last line." have 2 words
     assert [t.text for t in io.read_texts(out)] == ["First line of a document.", "Third line after blank lines."]
+
+
+def test_sft_through_the_cli_refuses_a_kto_file_before_loading_a_model(tmp_path, capsys):
+    src = FIX / "kto_messages.json"
+    assert cli(["sft", "model.path=/nonexistent", f"data.sources=[{{path: {src}}}]",
+                f"train.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: format 'kto' holds unpaired (KTO) data: each example has a 'label' key" in err
+    assert "train it with the KTO recipe, `instructkit kto`" in err
+
+
+def test_data_config_read_options_reach_the_readers(tmp_path):
+    from instructkit.config import DataConfig, DataSource
+    from instructkit.data.sources import prompt_messages_of, read_sources
+
+    think = [DataSource(path=str(FIX / "think_in_content.jsonl"))]
+    plain, _ = read_sources(DataConfig(), think, tmp_path)
+    assert plain[0].messages[1].reasoning is None
+    split, stats = read_sources(DataConfig(split_think=True), think, tmp_path)
+    assert [m.reasoning for m in split[0].messages] == [None, "Three plus four is seven."]
+    assert stats[str(FIX / "think_in_content.jsonl")]["examples"] == 2
+    hermes = [DataSource(path=str(FIX / "hermes_tool_calls.jsonl"))]
+    with pytest.raises(DataError, match="a tool result must follow an assistant turn with tool_calls"):
+        read_sources(DataConfig(tool_call_format="none"), hermes, tmp_path)
+    assert len(read_sources(DataConfig(), hermes, tmp_path)[0]) == 2
+    text = io.read_texts(FIX / "plain_text.jsonl")[0]
+    with pytest.raises(DataError) as e:
+        prompt_messages_of(text)
+    assert str(e.value) == (f"{FIX / 'plain_text.jsonl'}:1: a plain-text example has no prompt to generate from: "
+                            "prompts need conversations (messages ending with a user turn) or preference / unpaired "
+                            "examples")

@@ -274,6 +274,12 @@ class DataConfig:
     """Train assistant turns that call tools (their calls included); false keeps them as context only. Tool results,
     system and user messages are never trained; a message's `weight` 0 excludes it (1 trains it; fractional weights
     are refused)."""
+    tool_call_format: str = "auto"
+    """Hermes-style `<tool_call>{"name", "arguments"}</tool_call>` blocks in assistant content: "auto" reads them as
+    tool calls when the example declares `tools`, "hermes" always, "none" never (they stay text)."""
+    split_think: bool = False
+    """Move a leading `<think>...</think>` block of assistant content into the turn's reasoning (then trained, masked
+    or dropped by `reasoning`); false keeps it as text."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra variables for the chat template, as apply_chat_template's keyword arguments: `{enable_thinking: false}`
     for Qwen3's non-thinking mode."""

@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from instructkit.data.io import ReadStats, iter_examples
+from instructkit.data.schema import DataError
 
 
 def prompt_messages_of(example) -> list:
-    """The prompt of a Conversation (every turn before the last assistant turn) or of a PreferencePair."""
+    """The prompt of a Conversation (every turn before the last assistant turn), a PreferencePair or an
+    UnpairedExample; plain text has none (a DataError naming its source)."""
+    if not hasattr(example, "prompt") and not hasattr(example, "messages"):
+        meta = getattr(example, "meta", {}) or {}
+        where = f"{meta.get('source', '')}:{meta.get('line', meta.get('record', ''))}: " if meta.get("source") else ""
+        raise DataError(f"{where}a plain-text example has no prompt to generate from: prompts need conversations "
+                        "(messages ending with a user turn) or preference / unpaired examples")
     if hasattr(example, "prompt"):
         return list(example.prompt)
     msgs = list(example.messages)
@@ -32,7 +39,8 @@ def read_sources(data_cfg, sources, run_dir, expect: str | None = None) -> tuple
         examples += list(iter_examples(src.path, src.format, skip_invalid=data_cfg.skip_invalid,
                                        rejects_path=rejects if data_cfg.skip_invalid else None,
                                        max_invalid_fraction=data_cfg.max_invalid_fraction, stats=st,
-                                       expect=expect, max_examples=src.max_examples))
+                                       expect=expect, max_examples=src.max_examples,
+                                       tool_call_format=data_cfg.tool_call_format, split_think=data_cfg.split_think))
         stats[src.path] = st.to_dict()
     return examples, stats
 

@@ -44,7 +44,8 @@ def _read_source(src, cfg: SFTConfig, run_dir: Path) -> list:
 
     return read_conversations(src.path, src.format, skip_invalid=cfg.data.skip_invalid,
                               rejects_path=cfg.data.rejects_path or (run_dir / "rejects.jsonl"),
-                              max_invalid_fraction=cfg.data.max_invalid_fraction, max_examples=src.max_examples)
+                              max_invalid_fraction=cfg.data.max_invalid_fraction, max_examples=src.max_examples,
+                              tool_call_format=cfg.data.tool_call_format, split_think=cfg.data.split_think)
 
 
 def load_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, list]:
