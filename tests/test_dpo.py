@@ -67,7 +67,7 @@ def test_dpo_lora_reference_is_the_disabled_adapter(pref_data, tmp_path):
     m = metrics(tmp_path / "lora")
     assert m[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0 at init: policy == base
     assert m[-1]["eval_reward_margin"] > m[0]["eval_reward_margin"]
-    assert (tmp_path / "lora" / "model" / "adapter_config.json").exists()
+    assert (tmp_path / "lora" / "final" / "adapter_config.json").exists()
 
 
 def test_response_logprobs_equal_full_forward(tiny_model_dir):

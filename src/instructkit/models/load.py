@@ -29,9 +29,12 @@ _PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "[PAD]", "<|
 
 def resolve_path(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Path:
     """A local folder as is; a zoo name (models/zoo.py) converted to a safetensors cache; else a Hugging Face Hub id
-    (``org/name``, optionally ``@revision``) resolved through the Hub cache like from_pretrained (models/hub.py)."""
+    (``org/name``, optionally ``@revision``) resolved through the Hub cache like from_pretrained (models/hub.py).
+    A training run folder (``runs/<name>``, any recipe) resolves to its ``final/`` model folder."""
     p = Path(name_or_path).expanduser()
     if p.exists():
+        if (p / "final").is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            return p / "final"
         return p
     from instructkit.models.hub import looks_like_hub_id, resolve_hub_model
 
@@ -125,8 +128,10 @@ def _quantization_config(kind: str):
     raise ConfigError(f"lora.quantize must be int4, int8 or null, got {kind!r}")
 
 
-def apply_lora(model, lora_cfg: LoRAConfig):
-    """Wrap ``model`` in a peft LoRA adapter; only adapter weights are trainable."""
+def apply_lora(model, lora_cfg: LoRAConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` in a peft LoRA adapter (``lora.r``, ``alpha``, ``dropout``, ``target_modules``); only adapter
+    weights are trainable. The one place every recipe wraps a model: ``task_type`` "SEQ_CLS" for a reward model or a
+    critic (peft then also trains the score head)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -134,7 +139,7 @@ def apply_lora(model, lora_cfg: LoRAConfig):
     if list(targets) == ["all-linear"]:
         targets = "all-linear"  # peft: every linear layer except the output layer
     peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                              target_modules=targets, task_type="CAUSAL_LM", bias="none",
+                              target_modules=targets, task_type=task_type, bias="none",
                               modules_to_save=list(lora_cfg.modules_to_save) or None)
     return get_peft_model(model, peft_cfg)
 

@@ -16,12 +16,11 @@ import copy
 import json
 import logging
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from instructkit.config import DPOConfig, to_dict
+from instructkit.config import DPOConfig
 from instructkit.data.preference import EncodedPair, encode_pairs
 from instructkit.data.sources import read_sources, split_validation
 from instructkit.losses import dpo_loss
@@ -56,15 +55,14 @@ def sequence_logps(model, batch: dict[str, Any], average: bool) -> tuple[torch.T
 class Reference:
     """The frozen reference policy: a separate model, or the policy with its LoRA adapter disabled."""
 
-    def __init__(self, cfg: DPOConfig, policy, run_dir: Path):
+    def __init__(self, cfg: DPOConfig, policy, run):
         self.policy = policy
         self.model = None
         if cfg.reference_path:
             from transformers import AutoModelForCausalLM
 
-            from instructkit.models.load import resolve_path
-
-            self.model = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.reference_path), dtype=torch.float32)
+            self.model = AutoModelForCausalLM.from_pretrained(run.resolve_model(cfg.reference_path),
+                                                              dtype=torch.float32)
         elif not cfg.lora.enabled and cfg.reference == "online":
             self.model = copy.deepcopy(policy)  # the starting weights, frozen
         if self.model is not None:
@@ -108,42 +106,33 @@ def evaluate(policy, reference: Reference, items: list[EncodedPair], ref: list |
 
 def main(cfg: DPOConfig) -> dict[str, Any]:
     from instructkit.chat.render import Renderer
-    from instructkit.models.load import load_model_and_tokenizer, save_model
-    from instructkit.training.checkpoint import resume_run, save_checkpoint
-    from instructkit.training.loop import (MetricsLogger, StepPlan, build_optimizer, build_scheduler, optimizer_step,
-                                           step_record, total_steps_for)
+    from instructkit.data.schema import DataError
+    from instructkit.models.load import load_model_and_tokenizer
+    from instructkit.training.run import Run, data_fingerprint
 
-    # -- config
-    from instructkit.training.loop import start_run
-
-    from instructkit.training.sharding import refuse_unwired
-
-    refuse_unwired(cfg.train, "dpo")  # sharding and activation checkpointing: SFT only so far
-    run_dir = start_run(cfg, cfg.train)
-
-    # -- model and reference
-    from instructkit.models.tiny import resolve_tiny_path
-
-    model_cfg = type(cfg.model)(**{**to_dict(cfg.model), "path": resolve_tiny_path(cfg.model.path, run_dir)})
-    torch.manual_seed(cfg.train.seed)
-    policy, tok = load_model_and_tokenizer(model_cfg, cfg.lora)
-    reference = Reference(cfg, policy, run_dir)
-    renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
-    pad_id = tok.pad_token_id
+    run = Run.start(cfg, "dpo")
+    run_dir = run.run_dir
     avg = cfg.loss_type == "ipo"
 
-    # -- data
+    # -- data (read and checked before the model is loaded)
     pairs, read_stats = read_sources(cfg.data, cfg.data.sources, run_dir, expect="preference")
     train_pairs, val_pairs, vstats = split_validation(pairs, cfg.data, run_dir)
+
+    # -- model and reference
+    policy, tok = load_model_and_tokenizer(run.model_config(), cfg.lora, precision=run.precision)
+    reference = Reference(cfg, policy, run)
+    renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
+    pad_id = tok.pad_token_id
+
+    # -- encode
     train_items, dropped = encode_pairs(renderer, train_pairs, cfg.data.max_length)
     val_items, val_dropped = encode_pairs(renderer, val_pairs, cfg.data.max_length)
     if not train_items:
-        from instructkit.data.schema import DataError
-
         raise DataError(f"no usable training pairs (dropped: {dropped})")
-    (run_dir / "data_stats.json").write_text(json.dumps(
-        {"read": {**read_stats, **vstats}, "train_pairs": len(train_items), "validation_pairs": len(val_items),
-         "dropped_train": dropped, "dropped_validation": val_dropped}, indent=1))
+    if run.is_main:
+        (run_dir / "data_stats.json").write_text(json.dumps(
+            {"read": {**read_stats, **vstats}, "train_pairs": len(train_items), "validation_pairs": len(val_items),
+             "dropped_train": dropped, "dropped_validation": val_dropped}, indent=1))
 
     # -- reference log-probs, once (before any update, so the policy itself can serve as the reference)
     def precompute(items: list[EncodedPair]) -> list[tuple[float, float]]:
@@ -158,66 +147,43 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     if cfg.reference == "precompute" and not cfg.lora.enabled and not cfg.reference_path:
         reference.policy = None  # never used again: the policy moves away from the reference
 
+    def held_out() -> dict[str, float]:
+        return evaluate(policy, reference, val_items, ref_val, cfg, pad_id)
+
     # -- loop
-    plan = StepPlan(len(train_items), cfg.train.micro_batch_size, cfg.train.grad_accum, 1, cfg.data.seed)
-    total = total_steps_for(cfg.train, plan)
-    optimizer = build_optimizer(policy, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, total)
-    ckpt_root = run_dir / "checkpoints"
-    logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
-    resume, state = resume_run(ckpt_root, cfg.train.resume, policy, optimizer, scheduler, logger, config=to_dict(cfg))
-    step = int(state.get("step", 0))
-    initial_eval: dict[str, float] = {}
-    if resume is not None:
-        initial_eval = json.loads((resume / "initial_eval.json").read_text()) if (resume / "initial_eval.json").exists() \
-            else {}
-    else:
-        initial_eval = evaluate(policy, reference, val_items, ref_val, cfg, pad_id)
-        logger.log({"step": 0, **initial_eval})
+    start = run.setup(policy, n_items=len(train_items), fingerprint=data_fingerprint(train_items))
+    initial_eval = run.state.get("initial_eval") or {}
+    if run.resumed_from is None:
+        initial_eval = held_out()
+        run.log({"step": 0, **initial_eval})
 
     step_metrics: list[dict[str, float]] = []
 
     def loss_fn(m, batch):
         pc, pr = sequence_logps(m, batch, avg)
-        if "ref_chosen" in batch:
-            rc, rr = batch["ref_chosen"], batch["ref_rejected"]
-        else:
-            rc, rr = reference.logps(batch, avg)
+        rc, rr = (batch["ref_chosen"], batch["ref_rejected"]) if "ref_chosen" in batch else reference.logps(batch, avg)
         loss, metrics = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss_type)
         step_metrics.append({k: float(v) * batch["n"] for k, v in metrics.items()})
         return loss * batch["n"], torch.tensor(batch["n"])
 
     policy.train()
-    while step < total:
+    for step in range(start, run.total_steps):
         mbs = [pair_batch([train_items[i] for i in rows], [ref_train[i] for i in rows] if ref_train else None, pad_id)
-               for rows in plan.micro_batches(step)]
+               for rows in run.micro_batches(step)]
         step_metrics.clear()
-        res = optimizer_step(policy, optimizer, scheduler, mbs, loss_fn, lambda b: b["n"],
-                             max_grad_norm=cfg.train.max_grad_norm, step=step,
-                             token_fn=lambda b: int(b["attention_mask"].sum()))  # units are pairs; tokens for tokens/s
-        step += 1
-        rec = step_record(step, res, plan.position(step - 1)[0])
+        res = run.optimizer_step(mbs, loss_fn, lambda b: b["n"], step=step,
+                                 token_fn=lambda b: int(b["attention_mask"].sum()))  # units: pairs
+        done = step + 1
+        rec = run.step_record(done, res)
         rec["pairs"] = res.units
         rec["pairs_per_s"] = res.units / res.seconds if res.seconds > 0 else None
-        n = sum(b["n"] for b in mbs)
-        for key in step_metrics[0] if step_metrics else ():
-            rec[key] = sum(sm[key] for sm in step_metrics) / max(n, 1)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            rec.update(evaluate(policy, reference, val_items, ref_val, cfg, pad_id))
-        if step % max(cfg.train.log_every, 1) == 0 or step == total:
-            logger.log(rec)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total:
-            save_checkpoint(ckpt_root, step, policy, optimizer, scheduler, {"position": plan.position(step)},
-                            to_dict(cfg), keep=cfg.train.keep_checkpoints,
-                            extra_files={"initial_eval.json": json.dumps(initial_eval)})
+        rec.update(run.dist.sum_metrics(step_metrics, res.units))  # pair-weighted means over all ranks
+        if run.due("eval", done):
+            rec.update(held_out())
+        run.after_step(done, rec, state={"initial_eval": initial_eval}, throughput="pairs_per_s")
 
     # -- held-out evaluation and save
-    final_eval = evaluate(policy, reference, val_items, ref_val, cfg, pad_id)
-    logger.log({"step": step, "final": True, **final_eval})
-    logger.close()
-    out = save_model(policy, tok, run_dir / "model")
-    (out / "chat_template.jinja").write_text(renderer.template)
-    result = {"run_dir": str(run_dir), "steps": step, "train_pairs": len(train_items), "initial": initial_eval,
-              "final": final_eval, "model_dir": str(out)}
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-    return result
+    final_eval = held_out()
+    run.log({"step": run.total_steps, "final": True, **final_eval})
+    return run.finish(policy, tok, {"train_pairs": len(train_items), "initial_eval": initial_eval, **final_eval},
+                      template=renderer.template)

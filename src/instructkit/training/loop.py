@@ -79,6 +79,18 @@ class DistContext:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def sum_metrics(self, records: list[dict[str, float]], n: float, keys: Sequence[str] | None = None
+                    ) -> dict[str, float]:
+        """Each key summed over this rank's ``records`` and over all ranks, divided by ``n`` (a global count): the
+        weighted mean of per-micro-batch metric sums. ``keys``: the keys to reduce (default: this rank's, which must
+        then be the same on every rank)."""
+        keys = sorted(keys if keys is not None else {k for r in records for k in r})
+        if not keys:
+            return {}
+        t = torch.tensor([sum(r.get(k, 0.0) for r in records) for k in keys], dtype=torch.float64)
+        self.all_reduce_sum(t)
+        return {k: v / max(n, 1) for k, v in zip(keys, t.tolist())}
+
     def grad_norm(self, params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
         """The global gradient norm, after clipping to ``max_norm`` (0: no clipping)."""
         if max_norm and max_norm > 0:
