@@ -82,7 +82,7 @@ def test_features_lora_adaptive_kl_missing_eos_ptx(prompts, tmp_path, shared_dat
         if n_ended == 0:
             assert r["score_penalized"] == -1.0
     assert all(torch.isfinite(torch.tensor(r["ptx_loss"])) and r["ptx_loss"] > 0 for r in m)
-    assert (tmp_path / "feat" / "model" / "adapter_config.json").exists()
+    assert (tmp_path / "feat" / "final" / "adapter_config.json").exists()
 
 
 def test_several_samples_per_prompt_keep_the_invariants(prompts, tmp_path, capsys):
@@ -113,7 +113,7 @@ def test_reward_model_scores_with_a_separate_critic(prompts, tmp_path):
     assert cli(["reward-model", "--config", rm_cfg, f"data.sources=[{{path: {pairs}}}]", "data.validation_fraction=0",
                 f"train.output_dir={tmp_path}", "train.run_name=rm", "train.max_steps=3"]) == 0
     m = ppo(prompts, tmp_path, "rmppo", "train.max_steps=2", "max_new_tokens=4", "reward_function=",
-            f"reward_model={tmp_path / 'rm' / 'model'}", "value_model=separate")
+            f"reward_model={tmp_path / 'rm' / 'final'}", "value_model=separate")
     assert all(torch.isfinite(torch.tensor([r["score"], r["value_loss"], r["kl"]])).all() for r in m)
     assert m[0]["score"] != m[1]["score"]
 

@@ -34,7 +34,7 @@ def trained_rm(pref_data, tmp_path_factory):
 
 
 def test_rm_learns_held_out_preferences(trained_rm):
-    result = json.loads((trained_rm / "eval.json").read_text())
+    result = json.loads((trained_rm / "summary.json").read_text())
     assert result["eval_pairs"] == 64
     assert result["eval_accuracy"] >= 0.95
     metrics = [json.loads(line) for line in (trained_rm / "metrics.jsonl").read_text().splitlines()]
@@ -52,7 +52,7 @@ def test_saved_rm_loads_with_plain_transformers_and_matches_our_scores(trained_r
     from instructkit.rl.rollout import prompt_response_batch
     from instructkit.data.schema import Message
 
-    model_dir = trained_rm / "model"
+    model_dir = trained_rm / "final"
     plain = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert type(plain).__name__ == "LlamaForSequenceClassification" and plain.config.num_labels == 1
@@ -81,7 +81,7 @@ def test_normalisation_centres_training_rewards(trained_rm, pref_data):
     from instructkit.recipes.reward_model import pair_batch, pair_scores
     from instructkit.data.preference import encode_pairs
 
-    model, tok, (mean, std) = load_reward_model(trained_rm / "model")
+    model, tok, (mean, std) = load_reward_model(trained_rm / "final")
     items, _ = encode_pairs(Renderer(tok), read_pairs(pref_data[0]), 64)
     with torch.no_grad():
         c, r = pair_scores(model, pair_batch(items, tok.pad_token_id))
@@ -121,7 +121,7 @@ def test_rm_with_lora_trains_and_saves_a_merged_model(pref_data, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     assert cli(rm_args(pref_data, tmp_path, "lora", "lora.enabled=true", "lora.r=8", "train.max_steps=3")) == 0
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora" / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora" / "final")
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 

@@ -444,7 +444,7 @@ def ranking_run(tmp_path_factory):
 
 def test_cli_learns_a_k4_ranking(ranking_run):
     """Responses ranked by how often MARK occurs: >= 95% of held-out pairs ordered correctly after 20 steps."""
-    result = json.loads((ranking_run / "eval.json").read_text())
+    result = json.loads((ranking_run / "summary.json").read_text())
     assert (result["eval_groups"], result["eval_pairs"]) == (24, 24 * 6)
     assert (result["train_groups"], result["train_pairs"]) == (72, 72 * 6)
     assert result["eval_accuracy"] >= 0.95
@@ -464,7 +464,7 @@ def test_trained_ranker_scores_by_the_rule(ranking_run):
     from instructkit.data.preference import encode_response
     from instructkit.rl.rollout import prompt_response_batch
 
-    model, tok, _ = load_reward_model(ranking_run / "model")
+    model, tok, _ = load_reward_model(ranking_run / "final")
     renderer = Renderer(tok)
     prompt = [Message("user", "Tell me about a fox.")]
     enc = [encode_response(renderer, prompt, [Message("assistant", t)]) for t in

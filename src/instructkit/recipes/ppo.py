@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from instructkit.config import ConfigError, PPOConfig, to_dict
+from instructkit.config import ConfigError, PPOConfig
 from instructkit.data.sources import prompt_messages_of, read_sources
 from instructkit.losses import (entropy_from_logits, entropy_from_logprobs, ppo_policy_loss, ppo_value_loss,
                                 sft_loss)
 from instructkit.models.value_head import (ValueHead, gather_logprobs, load_reward_model, load_sequence_classifier,
                                            response_logits, sequence_scores, token_scores)
-from instructkit.rl.advantage import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards,
-                                      masked_whiten, penalize_missing_eos)
+from instructkit.rl.advantage import (AdaptiveKLController, FixedKLController, gae, kl_estimate,
+                                      kl_penalized_rewards, masked_whiten, penalize_missing_eos)
 from instructkit.rl.rollout import Trajectory, load_reward_function, make_rollout_batch
 
 log = logging.getLogger(__name__)
@@ -57,35 +57,28 @@ class ActorCritic(nn.Module):
         return token_scores(self.critic, batch_like.input_ids, batch_like.attention_mask, p - 1, r)
 
 
-def build_models(cfg: PPOConfig, run_dir: Path):
+def build_models(cfg: PPOConfig, run):
     """(actor-critic, reference or None, tokenizer, reward model or None, its (mean, std))."""
-    from instructkit.models.load import load_model_and_tokenizer, resolve_path
+    from instructkit.models.load import apply_lora, load_model_and_tokenizer
 
-    from instructkit.models.tiny import resolve_tiny_path
-
-    policy_path = resolve_tiny_path(cfg.model.path, run_dir)
-    model_cfg = type(cfg.model)(**{**to_dict(cfg.model), "path": policy_path})
-    torch.manual_seed(cfg.train.seed)
-    policy, tok = load_model_and_tokenizer(model_cfg, cfg.lora)
+    model_cfg = run.model_config()
+    policy, tok = load_model_and_tokenizer(model_cfg, cfg.lora, precision=run.precision)
     reference = None
     if not cfg.lora.enabled:  # with LoRA the reference is the policy with its adapter disabled
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     rm, norm = None, (0.0, 1.0)
     if cfg.reward_model:
-        rm, rm_tok, norm = load_reward_model(resolve_path(cfg.reward_model))
+        rm, rm_tok, norm = load_reward_model(run.resolve_model(cfg.reward_model))
         if rm_tok.get_vocab() != tok.get_vocab():
             raise ConfigError("the reward model's tokenizer differs from the policy's: PPO scores token ids directly")
     if cfg.value_model == "head":
         hidden = policy.get_input_embeddings().weight.shape[1]
         ac = ActorCritic(policy, value_head=ValueHead(hidden))
     else:
-        init = resolve_path(cfg.reward_model) if cfg.reward_model else resolve_path(policy_path)
-        critic, _ = load_sequence_classifier(init)
+        critic, _ = load_sequence_classifier(run.resolve_model(cfg.reward_model) if cfg.reward_model
+                                             else model_cfg.path)
         if cfg.lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            critic = get_peft_model(critic, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                                                       target_modules="all-linear", task_type="SEQ_CLS"))
+            critic = apply_lora(critic, cfg.lora, task_type="SEQ_CLS")
         ac = ActorCritic(policy, critic=critic)
     return ac, reference, tok, rm, norm
 
@@ -113,26 +106,58 @@ def load_prompts(cfg: PPOConfig, renderer, run_dir: Path) -> tuple[list[list[int
     return ids, msgs, {"read": stats, "prompts": len(ids), "skipped_too_long": too_long}
 
 
+def load_ptx(cfg: PPOConfig, renderer, run_dir: Path) -> list:
+    """PPO-ptx: the pretraining-mix conversations (``ptx_data``) rendered into supervised samples."""
+    from instructkit.training.packing import Sample
+
+    convs, _ = read_sources(cfg.data, cfg.ptx_data, run_dir, expect="conversation")
+    ptx = []
+    for c in convs:
+        r = renderer.render(c, mask=cfg.data.mask, max_length=cfg.data.max_length)
+        if sum(r.loss_mask[1:]):
+            ptx.append(Sample(list(r.input_ids), list(r.loss_mask)))
+    if not ptx:
+        raise ConfigError("ptx_data has no supervised tokens")
+    return ptx
+
+
+# the update's statistics: token-weighted means over the micro-batches of every rank
+UPDATE_KEYS = ("_n", "policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "ratio", "value_clipfrac",
+               "explained_variance")
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, dist, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """rl.advantage.masked_whiten over the rollouts of every process: the mean and the (Bessel-corrected) variance are
+    taken over the masked positions of all ranks' rows (sums reduced across processes). Shapes: (B, T)."""
+    if dist.world_size == 1:
+        return masked_whiten(x, mask, shift_mean, eps)
+    s = dist.all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).double())
+    mean = s[0] / s[1]
+    centred = x - mean.to(x.dtype)
+    v = dist.all_reduce_sum((centred * centred * mask).sum().double().reshape(1))[0] / s[1]
+    if s[1] > 1:
+        v = v * s[1] / (s[1] - 1)
+    out = centred * torch.rsqrt(v + eps).to(x.dtype)
+    return (out + mean.to(x.dtype) if not shift_mean else out) * mask
+
+
 def main(cfg: PPOConfig) -> dict[str, Any]:
     from instructkit.chat.render import Renderer
     from instructkit.generation.engine import Engine, SamplingParams
-    from instructkit.models.load import causal_lm_parts, packed_hidden_states, save_model
-    from instructkit.training.checkpoint import resume_run, save_checkpoint
-    from instructkit.training.loop import MetricsLogger, build_optimizer, build_scheduler, optimizer_step
-    from instructkit.training.packing import Sample, collate_rows
+    from instructkit.models.load import causal_lm_parts, packed_hidden_states
+    from instructkit.training.loop import read_metrics
+    from instructkit.training.packing import collate_rows
+    from instructkit.training.run import Run, data_fingerprint
 
-    # -- config
-    from instructkit.training.loop import start_run
-
-    from instructkit.training.sharding import refuse_unwired
-
-    refuse_unwired(cfg.train, "ppo")  # sharding and activation checkpointing: SFT only so far
-    run_dir = start_run(cfg, cfg.train)
     if cfg.temperature <= 0:
         raise ConfigError("PPO samples: temperature must be > 0")
+    run = Run.start(cfg, "ppo")
+    run_dir, dist = run.run_dir, run.dist
+    B, W = cfg.rollout_batch_size, dist.world_size
+    lo, hi = dist.rank * B // W, (dist.rank + 1) * B // W  # this rank's rows of every rollout batch
 
     # -- models
-    ac, reference, tok, rm, (rm_mean, rm_std) = build_models(cfg, run_dir)
+    ac, reference, tok, rm, (rm_mean, rm_std) = build_models(cfg, run)
     _no_dropout(ac)
     policy = ac.policy
     renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
@@ -143,39 +168,27 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
 
     # -- data
     prompt_ids, prompt_msgs, data_stats = load_prompts(cfg, renderer, run_dir)
-    n_prompts = cfg.rollout_batch_size // cfg.samples_per_prompt
+    n_prompts = B // cfg.samples_per_prompt
     if len(prompt_ids) < n_prompts:
         from instructkit.data.schema import DataError
 
         raise DataError(f"{len(prompt_ids)} usable prompts, fewer than the {n_prompts} of each rollout batch "
-                        f"(rollout_batch_size={cfg.rollout_batch_size} / samples_per_prompt={cfg.samples_per_prompt})")
-    ptx: list[Sample] = []
-    if cfg.ptx_coef > 0:
-        convs, _ = read_sources(cfg.data, cfg.ptx_data, run_dir, expect="conversation")
-        for c in convs:
-            r = renderer.render(c, mask=cfg.data.mask, max_length=cfg.data.max_length)
-            if sum(r.loss_mask[1:]):
-                ptx.append(Sample(list(r.input_ids), list(r.loss_mask)))
-        if not ptx:
-            raise ConfigError("ptx_data has no supervised tokens")
+                        f"(rollout_batch_size={B} / samples_per_prompt={cfg.samples_per_prompt})")
+    ptx = load_ptx(cfg, renderer, run_dir) if cfg.ptx_coef > 0 else []
     data_stats["ptx_examples"] = len(ptx)
-    (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=1, default=str))
+    if run.is_main:
+        (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=1, default=str))
 
-    # -- optimisation state
+    # -- optimisation state: an iteration is one step of the run, its mini-batches are the optimizer's steps
     mini = cfg.train.micro_batch_size * cfg.train.grad_accum
-    n_mini = cfg.rollout_batch_size // mini
+    n_mini = B // mini
     iterations = cfg.train.max_steps or 1
-    optimizer = build_optimizer(ac, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, iterations * cfg.ppo_epochs * n_mini)
+    run.scheduler_steps = iterations * cfg.ppo_epochs * n_mini
+    start = run.setup(ac, total_steps=iterations, fingerprint=data_fingerprint([prompt_ids, ptx]))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl \
         else FixedKLController(cfg.kl_coef)
-    ckpt_root = run_dir / "checkpoints"
-    logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
-    resume, state = resume_run(ckpt_root, cfg.train.resume, ac, optimizer, scheduler, logger, config=to_dict(cfg))
-    it = int(state.get("step", 0))
-    if resume is not None:
-        kl_ctl.value = float(state["kl_coef"])
-        log.info("resumed from %s at iteration %d", resume, it)
+    if run.resumed_from is not None:
+        kl_ctl.value = float(run.state["kl_coef"])
 
     def reference_logits(input_ids, attention_mask, p, r):
         if reference is not None:
@@ -213,15 +226,15 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         return loss * n, n.long()
 
     # -- iterations
-    while it < iterations:
+    for it in range(start, iterations):
         rng = random.Random(f"{cfg.data.seed}:{it}")
         chosen = [i for i in rng.sample(range(len(prompt_ids)), n_prompts) for _ in range(cfg.samples_per_prompt)]
-        batch_prompts = [prompt_ids[i] for i in chosen]
+        batch_prompts = [prompt_ids[i] for i in chosen[lo:hi]]
 
-        # rollouts
+        # rollouts: this rank's rows; row i of the whole batch samples with seed base + i on any rank
         ac.eval()
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                stop_token_ids=stop_ids, seed=cfg.train.seed * 1_000_003 + it,
+                                stop_token_ids=stop_ids, seed=cfg.train.seed * 1_000_003 + it + lo,
                                 logprobs=False)  # the update recomputes them with the value head
         outputs = engine.generate(batch_prompts, params)
         batch, ended = make_rollout_batch(batch_prompts, outputs, stop_ids, pad_id)
@@ -236,84 +249,71 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
             shell = Trajectory(ids, attn, mask, p, r, old_logp, ref_logp, old_logp, torch.zeros(0), ended)
             values = ac.values(shell, hidden) * mask
             if rm is not None:
-                raw = sequence_scores(rm, ids, attn)
-                scores = (raw - rm_mean) / rm_std
+                scores = (sequence_scores(rm, ids, attn) - rm_mean) / rm_std
             else:
-                texts = [o.text for o in outputs]
-                scores = torch.tensor(reward_fn([prompt_msgs[i] for i in chosen], texts,
+                scores = torch.tensor(reward_fn([prompt_msgs[i] for i in chosen[lo:hi]], [o.text for o in outputs],
                                                 [list(o.token_ids) for o in outputs], **cfg.reward_function_kwargs),
                                       dtype=torch.float32)
             raw_scores = scores.clone()
             scores = penalize_missing_eos(scores, ended, cfg.missing_eos_penalty)
-            rewards, kl_m = kl_penalized_rewards(old_logp, ref_logp, mask, scores, kl_ctl.value, cfg.kl_estimator)
+            rewards, _ = kl_penalized_rewards(old_logp, ref_logp, mask, scores, kl_ctl.value, cfg.kl_estimator)
             if cfg.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
+                rewards = whiten(rewards, mask, dist, shift_mean=False)
             advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            advantages = masked_whiten(advantages, mask)
+            advantages = whiten(advantages, mask, dist)  # over the whole rollout batch, all ranks
         traj = Trajectory(ids, attn, mask, p, r, old_logp, ref_logp, values, scores, ended, rewards, advantages,
                           returns)
 
-        # PPO epochs over mini-batches, each an optimizer step
+        # PPO epochs over mini-batches, each an optimizer step; this rank updates on its rows of each mini-batch
         mb_stats.clear()
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + it)
         grad_norms = []
         for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(cfg.rollout_batch_size, generator=gen)
+            perm = torch.randperm(B, generator=gen)
             for k in range(n_mini):
                 # rows in rollout order within a mini-batch: the same rows in the same order as scoring gives the
                 # same floating-point sums (a permuted batch differs by ~1e-7), so the first update's ratio is exactly 1
                 idx = perm[k * mini:(k + 1) * mini].sort().values
+                mine = idx[(idx >= lo) & (idx < hi)] - lo
                 micro = []
-                for j in range(cfg.train.grad_accum):
-                    sub = traj.select(idx[j * cfg.train.micro_batch_size:(j + 1) * cfg.train.micro_batch_size])
+                for j in range(0, len(mine), cfg.train.micro_batch_size):
                     ptx_batch = None
                     if ptx:
                         pick = rng.sample(range(len(ptx)), min(cfg.ptx_micro_batch_size, len(ptx)))
                         ptx_batch = collate_rows([[ptx[i]] for i in pick], pad_id)
-                    micro.append((sub, ptx_batch))
-                res = optimizer_step(ac, optimizer, scheduler, micro, loss_fn,
-                                     lambda mb: int(mb[0].response_mask.sum()),
-                                     max_grad_norm=cfg.train.max_grad_norm, step=it)
+                    micro.append((traj.select(mine[j:j + cfg.train.micro_batch_size]), ptx_batch))
+                res = run.optimizer_step(micro, loss_fn, lambda mb: int(mb[0].response_mask.sum()), step=it)
                 if res.grad_norm is not None:
                     grad_norms.append(res.grad_norm)
-        it += 1
 
-        # metrics: rollout statistics, then the update's token-weighted means
-        lengths = mask.sum(1)
+        # metrics: rollout statistics over all ranks, then the update's token-weighted means
         with torch.no_grad():
-            ent_roll, _ = entropy_from_logits(logits, mask)
+            ent_roll = entropy_from_logits(logits, mask)[0] * mask.sum()
+        kl = (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask).sum(1)
+        g = dist.sum_metrics([{
+            "score": raw_scores.sum().item(), "score_penalized": scores.sum().item(), "kl": kl.sum().item(),
+            "reward_total": (rewards * mask).sum().item(), "response_length": mask.sum().item(),
+            "ended_fraction": ended.float().sum().item(), "_tokens": mask.sum().item(),
+            "rollout_entropy": ent_roll.item()}], B)
         rec: dict[str, Any] = {
-            "step": it, "score": raw_scores.mean().item(), "score_penalized": scores.mean().item(),
-            "kl": kl_m["kl"].item(), "non_score_reward": kl_m["non_score_reward"].item(),
-            "reward_total": (rewards * mask).sum(1).mean().item(), "kl_coef": kl_ctl.value,
-            "rollout_entropy": ent_roll.item(), "response_length": lengths.float().mean().item(),
-            "ended_fraction": ended.float().mean().item(), "lr": scheduler.get_last_lr()[0],
-            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-        }
-        total_n = sum(s["_n"] for s in mb_stats) or 1.0
-        for key in mb_stats[0] if mb_stats else ():
-            if key != "_n":
-                rec[key] = sum(s.get(key, 0.0) for s in mb_stats) / total_n
-        kl_ctl.update(rec["kl"], cfg.rollout_batch_size)
-        if it % max(cfg.train.log_every, 1) == 0 or it == iterations:
-            logger.log(rec)
-        if (cfg.train.save_every and it % cfg.train.save_every == 0) or it == iterations:
-            save_checkpoint(ckpt_root, it, ac, optimizer, scheduler, {"kl_coef": kl_ctl.value}, to_dict(cfg),
-                            keep=cfg.train.keep_checkpoints)
-        if it == 1 or it == iterations:
+            "step": it + 1, "score": g["score"], "score_penalized": g["score_penalized"], "kl": g["kl"],
+            "non_score_reward": -kl_ctl.value * g["kl"], "reward_total": g["reward_total"],
+            "kl_coef": kl_ctl.value, "rollout_entropy": g["rollout_entropy"] / max(g["_tokens"], 1e-9),
+            "response_length": g["response_length"], "ended_fraction": g["ended_fraction"],
+            "lr": run.scheduler.get_last_lr()[0], "grad_norm": sum(grad_norms) / max(len(grad_norms), 1)}
+        upd = dist.sum_metrics(mb_stats, 1, UPDATE_KEYS + (("ptx_loss",) if ptx else ()))
+        rec.update({k: v / max(upd["_n"], 1.0) for k, v in upd.items() if k != "_n"})
+        kl_ctl.update(rec["kl"], B)
+        run.after_step(it + 1, rec, state={"kl_coef": kl_ctl.value})
+        if (it == 0 or it + 1 == iterations) and run.is_main:
             with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
                 for i in range(min(4, len(outputs))):
-                    f.write(json.dumps({"step": it, "prompt": prompt_msgs[chosen[i]], "response": outputs[i].text,
-                                        "score": raw_scores[i].item()}) + "\n")
+                    f.write(json.dumps({"step": it + 1, "prompt": prompt_msgs[chosen[lo + i]],
+                                        "response": outputs[i].text, "score": raw_scores[i].item()}) + "\n")
 
-    logger.close()
-    out = save_model(policy, tok, run_dir / "model")
-    (out / "chat_template.jinja").write_text(renderer.template)
-    from instructkit.training.loop import read_metrics
-
-    records = read_metrics(run_dir)
-    result = {"run_dir": str(run_dir), "iterations": it, "model_dir": str(out),
-              "first": {k: records[0].get(k) for k in ("score", "kl", "response_length")} if records else {},
-              "last": {k: records[-1].get(k) for k in ("score", "kl", "response_length", "kl_coef")} if records else {}}
-    (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
-    return result
+    records = [r for r in read_metrics(run_dir)] if run.is_main else []
+    return run.finish(policy, tok, {
+        "iterations": iterations,
+        "first": {k: records[0].get(k) for k in ("score", "kl", "response_length")} if records else {},
+        "last": {k: records[-1].get(k) for k in ("score", "kl", "response_length", "kl_coef")} if records else {}},
+        template=renderer.template)

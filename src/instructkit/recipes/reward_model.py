@@ -30,18 +30,16 @@ from __future__ import annotations
 import json
 import logging
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from instructkit.config import RewardModelConfig, to_dict
+from instructkit.config import RewardModelConfig
 from instructkit.data.preference import EncodedGroup, EncodedPair, encode_groups, group_pairs
 from instructkit.data.sources import split_validation
 from instructkit.losses import pairwise_reward_loss
-from instructkit.models.value_head import backbone_and_score, load_sequence_classifier, save_reward_model, \
-    sequence_scores
+from instructkit.models.value_head import backbone_and_score, load_sequence_classifier, sequence_scores
 from instructkit.rl.rollout import prompt_response_batch
 
 log = logging.getLogger(__name__)
@@ -63,24 +61,19 @@ def pair_scores(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tenso
     return r[: batch["n"]], r[batch["n"]:]
 
 
-def build_model(cfg: RewardModelConfig, run_dir: Path):
+def build_model(cfg: RewardModelConfig, run):
     """(sequence classifier, tokenizer): score head initialised with the run's seed, LoRA through peft if enabled."""
-    from instructkit.models.load import ensure_pad_token
+    from instructkit.models.load import apply_lora, ensure_pad_token
 
-    from instructkit.models.load import resolve_path
-    from instructkit.models.tiny import resolve_tiny_path
-
-    path = resolve_path(resolve_tiny_path(cfg.model.path, run_dir))
-    torch.manual_seed(cfg.train.seed)
+    path = run.model_config().path  # resolved; torch seeded after resolution
     model, tok = load_sequence_classifier(path, trust_remote_code=cfg.model.trust_remote_code)
     ensure_pad_token(tok, model)
     if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        targets: Any = "all-linear" if list(cfg.lora.target_modules) == ["all-linear"] else cfg.lora.target_modules
-        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                                 target_modules=targets, task_type="SEQ_CLS", bias="none"))
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     return model, tok
+
+
+METRIC_KEYS = ("_pairs", "accuracy", "reward_margin", "chosen_reward", "rejected_reward")
 
 
 def group_batch(groups: list[EncodedGroup], pad_id: int) -> dict[str, Any]:
@@ -217,93 +210,63 @@ def shared_groups(train: list[list], val: list[list]) -> int:
 
 def main(cfg: RewardModelConfig) -> dict[str, Any]:
     from instructkit.chat.render import Renderer
-    from instructkit.training.checkpoint import resume_run, save_checkpoint
-    from instructkit.training.loop import (MetricsLogger, StepPlan, build_optimizer, build_scheduler, optimizer_step,
-                                           step_record, total_steps_for)
-
-    # -- config
-    from instructkit.training.loop import start_run
-
-    from instructkit.training.sharding import refuse_unwired
-
-    refuse_unwired(cfg.train, "reward-model")  # sharding and activation checkpointing: SFT only so far
-    run_dir = start_run(cfg, cfg.train)
-
-    # -- model (before the data: the tokenizer renders it)
-    model, tok = build_model(cfg, run_dir)
-    renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
-    pad_id = tok.pad_token_id
-
-    # -- data
+    from instructkit.data.schema import DataError
     from instructkit.data.sources import read_sources
+    from instructkit.training.run import Run, data_fingerprint
 
+    run = Run.start(cfg, "reward-model")
+    run_dir = run.run_dir
+
+    # -- data (read and checked before the model is loaded)
     pairs, read_stats = read_sources(cfg.data, cfg.data.sources, run_dir, expect="preference")
     train_groups, val_groups, vstats = split_groups(pairs, cfg.data, run_dir)
     read_stats.update(vstats)
     overlap = shared_groups(train_groups, val_groups)
     if overlap:
         log.warning("%d ranked groups are in both the training and the validation data", overlap)
+
+    # -- model, then the data rendered with its tokenizer
+    model, tok = build_model(cfg, run)
+    renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
+    pad_id = tok.pad_token_id
     train_items, dropped = encode_groups(renderer, train_groups, cfg.data.max_length)
     val_items, val_dropped = encode_groups(renderer, val_groups, cfg.data.max_length)
     if not cfg.use_margin:
         for it in train_items:
             it.margins = [0.0] * len(it.margins)
     if not train_items:
-        from instructkit.data.schema import DataError
-
         raise DataError(f"no usable training pairs (dropped: {dropped})")
     n_train_pairs = sum(len(g.pairs) for g in train_items)
-    (run_dir / "data_stats.json").write_text(json.dumps(
-        {"read": read_stats, "train_pairs": n_train_pairs, "validation_pairs": sum(len(g.pairs) for g in val_items),
-         "train_groups": len(train_items), "validation_groups": len(val_items),
-         "train_responses": sum(len(g.responses) for g in train_items), "groups_in_train_and_validation": overlap,
-         "dropped_train": dropped, "dropped_validation": val_dropped}, indent=1))
+    if run.is_main:
+        (run_dir / "data_stats.json").write_text(json.dumps(
+            {"read": read_stats, "train_pairs": n_train_pairs, "validation_pairs": sum(len(g.pairs) for g in val_items),
+             "train_groups": len(train_items), "validation_groups": len(val_items),
+             "train_responses": sum(len(g.responses) for g in train_items), "groups_in_train_and_validation": overlap,
+             "dropped_train": dropped, "dropped_validation": val_dropped}, indent=1))
 
-    # -- loop
-    plan = StepPlan(len(train_items), cfg.train.micro_batch_size, cfg.train.grad_accum, 1, cfg.data.seed)
-    total = total_steps_for(cfg.train, plan)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, total)
-    ckpt_root = run_dir / "checkpoints"
-    logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
-    resume, state = resume_run(ckpt_root, cfg.train.resume, model, optimizer, scheduler, logger, config=to_dict(cfg))
-    step = int(state.get("step", 0))
-    if resume is not None:
-        log.info("resumed from %s at step %d", resume, step)
-
+    # -- loop (the unit is the group: micro_batch_size counts groups)
+    start = run.setup(model, n_items=len(train_items), fingerprint=data_fingerprint(train_items))
     step_metrics: list[dict[str, float]] = []
-
     loss_fn = partial(micro_batch_loss, use_margin=cfg.use_margin, sink=step_metrics)
     model.train()
-    while step < total:
-        mbs = [group_batch([train_items[i] for i in rows], pad_id) for rows in plan.micro_batches(step)]
+    for step in range(start, run.total_steps):
+        mbs = [group_batch([train_items[i] for i in rows], pad_id) for rows in run.micro_batches(step)]
         step_metrics.clear()
-        res = optimizer_step(model, optimizer, scheduler, mbs, loss_fn, lambda b: b["n"],
-                             max_grad_norm=cfg.train.max_grad_norm, step=step,
-                             token_fn=lambda b: int(b["attention_mask"].sum()))  # units: groups; tokens: for tokens/s
-        step += 1
-        rec = step_record(step, res, plan.position(step - 1)[0])
-        n = sum(b["n_pairs"] for b in mbs)
-        for key in ("accuracy", "reward_margin", "chosen_reward", "rejected_reward"):
-            rec[key] = sum(sm[key] for sm in step_metrics) / max(n, 1)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and val_items:
+        res = run.optimizer_step(mbs, loss_fn, lambda b: b["n"], step=step,
+                                 token_fn=lambda b: int(b["attention_mask"].sum()))  # units: groups
+        done = step + 1
+        rec = run.step_record(done, res)
+        sums = run.dist.sum_metrics(step_metrics + [{"_pairs": sum(b["n_pairs"] for b in mbs)}], 1, METRIC_KEYS)
+        rec.update({k: sums[k] / max(sums["_pairs"], 1) for k in METRIC_KEYS if k != "_pairs"})
+        if run.due("eval", done) and val_items:
             rec.update(evaluate_groups(model, val_items, pad_id))
-        if step % max(cfg.train.log_every, 1) == 0 or step == total:
-            logger.log(rec)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total:
-            save_checkpoint(ckpt_root, step, model, optimizer, scheduler, {"position": plan.position(step)},
-                            to_dict(cfg), keep=cfg.train.keep_checkpoints)
+        run.after_step(done, rec)
 
     # -- held-out accuracy, normalisation, save
-    result: dict[str, Any] = {"steps": step, "train_pairs": n_train_pairs, "train_groups": len(train_items)}
+    result: dict[str, Any] = {"train_pairs": n_train_pairs, "train_groups": len(train_items)}
     result.update(evaluate_groups(model, val_items, pad_id))
     mean, std = reward_statistics(model, train_items, pad_id) if cfg.normalize else (0.0, 1.0)
     result.update({"reward_mean": mean, "reward_std": std})
-    logger.log({"step": step, **{k: v for k, v in result.items() if k != "steps"}})
-    logger.close()
+    run.log({"step": run.total_steps, **result})
     backbone_and_score(model)  # fails early if the head cannot be found
-    out = save_reward_model(model, tok, run_dir / "model", mean, std)
-    (out / "chat_template.jinja").write_text(renderer.template)
-    result["model_dir"] = str(out)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-    return result
+    return run.finish(model, tok, result, template=renderer.template, kind="reward", reward_norm=(mean, std))
