@@ -132,8 +132,8 @@ def test_fast_pipeline_report_is_consistent(fast_run):
     rc, run = fast_run
     assert rc == 0
     for stage_file in ("sft/summary.json", "sft/final/adapter_config.json", "sft/merged/config.json",
-                       "reward_model/eval.json", "reward_model/model/config.json", "ppo/summary.json",
-                       "ppo/model/adapter_config.json", "ppo/merged/config.json", "ppo/metrics.jsonl"):
+                       "reward_model/summary.json", "reward_model/final/config.json", "ppo/summary.json",
+                       "ppo/final/adapter_config.json", "ppo/merged/config.json", "ppo/metrics.jsonl"):
         assert (run / stage_file).exists(), stage_file
     results = json.loads((run / "results.json").read_text())
     s = results["summary"]
@@ -180,7 +180,7 @@ def test_fast_pipeline_report_is_consistent(fast_run):
 def test_rerun_skips_finished_stages(fast_run, shared_data, capsys):
     rc, run = fast_run
     assert rc == 0
-    stamps = {p: (run / p).stat().st_mtime_ns for p in ("sft/summary.json", "reward_model/eval.json",
+    stamps = {p: (run / p).stat().st_mtime_ns for p in ("sft/summary.json", "reward_model/summary.json",
                                                          "ppo/summary.json", "ppo/metrics.jsonl")}
     before = json.loads((run / "results.json").read_text())["summary"]
     assert _run(shared_data, run.parent, FAST, capsys) == 0
@@ -212,7 +212,7 @@ def test_tiny_config_ppo_beats_sft_under_the_reward_model(tmp_path, shared_data,
     assert _run(shared_data, tmp_path, [], capsys) == 0
     run = tmp_path / "tiny_instructgpt"
     s = json.loads((run / "results.json").read_text())["summary"]
-    assert json.loads((run / "reward_model" / "eval.json").read_text())["eval_accuracy"] >= 0.9
+    assert json.loads((run / "reward_model" / "summary.json").read_text())["eval_accuracy"] >= 0.9
     assert s["ppo.reward_mean"] > s["sft.reward_mean"] + 0.3
     assert s["ppo_vs_sft.winrate"] > 0.5
     assert s["ppo_vs_sft.kl_exact_per_sequence"] > 0

@@ -5,7 +5,7 @@
      (<out>/sft, <out>/reward_model, <out>/ppo), the RM's and PPO's starting model (the SFT output, LoRA merged) and
      PPO's reward model (the stage-2 output). With `synthetic_prompts` the training data is a synthetic rule (below).
   2. stages: each is the existing recipe's `main` (recipes/sft.py, reward_model.py, ppo.py), never a copy. A stage whose
-     last file exists (sft and ppo: summary.json, written after final/ or model/; reward model: eval.json) is skipped,
+     summary.json exists (every recipe writes it last, after final/: training/run.py's one layout) is skipped,
      so a killed pipeline continues; inside a stage, the recipe's own checkpoints resume it (train.resume: auto).
   3. comparison on held-out prompts: both policies answer the same prompts with the same sampling seed (generation
      engine); the stage-2 reward model scores prompt + response token ids exactly as PPO scored its rollouts
@@ -366,13 +366,13 @@ def main(cfg: InstructGPTConfig) -> dict[str, Any]:
 
     rm_cfg = dataclasses.replace(rm_cfg, model=dataclasses.replace(rm_cfg.model, path=str(sft_dir)),
                                  train=_stage_train(rm_cfg.train, out, "reward_model"))
-    rm_summary = _run_stage("reward_model", out / "reward_model", "eval.json", lambda: rm_recipe.main(rm_cfg))
-    rm_dir = out / "reward_model" / "model"
+    rm_summary = _run_stage("reward_model", out / "reward_model", "summary.json", lambda: rm_recipe.main(rm_cfg))
+    rm_dir = out / "reward_model" / "final"
 
     ppo_cfg = dataclasses.replace(ppo_cfg, model=dataclasses.replace(ppo_cfg.model, path=str(sft_dir)),
                                   reward_model=str(rm_dir), train=_stage_train(ppo_cfg.train, out, "ppo"))
     ppo_summary = _run_stage("ppo", out / "ppo", "summary.json", lambda: ppo_recipe.main(ppo_cfg))
-    ppo_dir = plain_model_dir(out / "ppo" / "model", out / "ppo" / "merged")
+    ppo_dir = plain_model_dir(out / "ppo" / "final", out / "ppo" / "merged")
 
     # -- 3. comparison and 4. report
     prompts = load_heldout_prompts(cfg, out, heldout_file)
