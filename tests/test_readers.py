@@ -441,3 +441,32 @@ def test_data_config_read_options_reach_the_readers(tmp_path):
     assert str(e.value) == (f"{FIX / 'plain_text.jsonl'}:1: a plain-text example has no prompt to generate from: "
                             "prompts need conversations (messages ending with a user turn) or preference / unpaired "
                             "examples")
+
+
+@pytest.mark.parametrize("record, fmt, error", [
+    ({"instruction": "i", "output": "o", "kto_tag": False}, "alpaca",
+     "field 'kto_tag' marks the completion desirable or not: an example with a 'label' (desirable or not) is KTO data: "
+     "train it with `instructkit kto` (format kto); as alpaca data its undesirable answers would be trained on"),
+    ({"inputs": "i", "targets": "t", "tools": [{"name": "f"}]}, "flan",
+     "field 'tools' is not read by format flan: use a format that keeps tool definitions (alpaca, kto, lf_v1, "
+     "lf_v1_dpo, messages, preference, prompt_completion, sharegpt, sharegpt_preference)"),
+    ({"instruction": "i", "output": "o", "reasoning_content": "r"}, "alpaca",
+     "field 'reasoning_content' is not read by format alpaca: put reasoning on the assistant message (messages "
+     "format: 'reasoning' / 'reasoning_content') or in a leading <think> block of the answer with data.split_think"),
+    ({"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}], "functions": []}, "sharegpt",
+     "field 'functions' (the legacy OpenAI function definitions) is not read: convert it to 'tools': "
+     "[{\"type\": \"function\", \"function\": <definition>}, ...]"),
+])
+def test_keys_a_format_does_not_read_are_refused(tmp_path, record, fmt, error):
+    p = tmp_path / "r.jsonl"
+    p.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError) as e:
+        io.read_examples(p, fmt)
+    assert str(e.value) == f"{p}:1: {error}"
+
+
+def test_alpaca_keeps_a_tools_column():
+    from instructkit.data.formats import convert_record
+
+    (conv,) = convert_record({"instruction": "i", "output": "o", "tools": json.dumps([WEATHER])}, "alpaca")
+    assert conv.tools == [{"type": "function", "function": WEATHER}]

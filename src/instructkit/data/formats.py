@@ -405,7 +405,7 @@ def from_alpaca(record: Any) -> list[Example]:
         messages += [Message("user", turn[0]), Message("assistant", turn[1])]
     messages.append(Message("user", _join(instruction, inp)))
     messages.append(Message("assistant", output))
-    return [_conversation(_with_system(r, messages), _scalar_meta(r, ("id",)))]
+    return [_conversation(_with_system(r, messages), _scalar_meta(r, ("id",)), tools=normalize_tools(r.get("tools")))]
 
 
 def from_dolly(record: Any) -> list[Example]:
@@ -1313,6 +1313,35 @@ def detect_format(record: Any) -> str:
     raise DataError(f"cannot detect the format from the keys [{shown}]; pass format= one of {', '.join(FORMATS)}")
 
 
+# Formats whose adapter reads a record-level `tools` list; formats that check every key themselves; formats whose other
+# keys all go to meta (nothing is dropped).
+TOOLS_FORMATS = frozenset({"alpaca", "sharegpt", "messages", "prompt_completion", "preference", "sharegpt_preference",
+                           "lf_v1", "lf_v1_dpo", "kto"})
+STRICT_FORMATS = frozenset({"messages", "lf_v1", "lf_v1_dpo", "kto", "text", "prompt_only"})
+
+
+def _refuse_unread_keys(record: Any, fmt: str) -> None:
+    """Record keys that would change what is trained but that format ``fmt`` does not read are refused by name (a
+    column nobody reads is data silently dropped): a KTO label, tool definitions, reasoning."""
+    if not isinstance(record, dict) or fmt in STRICT_FORMATS:
+        return
+    for key in KTO_LABEL_KEYS:
+        if record.get(key) is not None:  # (a null cell of a Parquet / datasets column is no label)
+            raise DataError(f"field '{key}' marks the completion desirable or not{KTO_HINT} (format kto); as {fmt} "
+                            "data its undesirable answers would be trained on")
+    if record.get("functions") is not None:
+        raise DataError("field 'functions' (the legacy OpenAI function definitions) is not read: convert it to "
+                        "'tools': [{\"type\": \"function\", \"function\": <definition>}, ...]")
+    if "tools" in record and fmt not in TOOLS_FORMATS and record["tools"] not in (None, "", []):
+        raise DataError(f"field 'tools' is not read by format {fmt}: use a format that keeps tool definitions "
+                        f"({', '.join(sorted(TOOLS_FORMATS))})")
+    for key in REASONING_FIELDS:
+        if key in record and record[key] is not None:
+            raise DataError(f"field '{key}' is not read by format {fmt}: put reasoning on the assistant message "
+                            "(messages format: 'reasoning' / 'reasoning_content') or in a leading <think> block of "
+                            "the answer with data.split_think")
+
+
 def convert_record(record: Any, fmt: str, options: ReadOptions | None = None) -> list[Example]:
     """One record in format ``fmt`` (canonical name, not "auto") -> examples; raises only DataError. ``options``: how
     assistant turns are read (Hermes tool calls, <think> blocks; see ReadOptions)."""
@@ -1320,6 +1349,7 @@ def convert_record(record: Any, fmt: str, options: ReadOptions | None = None) ->
         adapter = FORMATS[fmt]
     except KeyError:
         raise DataError(f"unknown format '{fmt}'") from None
+    _refuse_unread_keys(record, fmt)
     token = _OPTIONS.set(options or ReadOptions())
     try:
         return adapter(record)
