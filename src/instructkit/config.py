@@ -725,6 +725,36 @@ def _default_flan_lora() -> LoRAConfig:
 
 
 @dataclass
+class T0SourceConfig:
+    """`flan-scaling` on real tasks: T0's per-template training file instead of the built-in task bank (eval/t0.py)."""
+
+    path: str = ""
+    """The T0 file (JSON lines, .gz allowed: cluster, dataset, template, prompt, completion); empty: use the task bank."""
+    total: int = 256
+    """Training examples of every run (equal across cluster counts and template arms: an equal share per dataset)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Each training run is repeated per seed (mixture draw and training seed); the report gives the spread."""
+    template_arm: bool = True
+    """Also train on all remaining clusters with ONE template per dataset, against all templates at equal examples."""
+    heldout_in_turn: bool = False
+    """Hold out each of heldout_clusters in turn (one sub-experiment each) instead of all of them together."""
+    eval_examples_per_dataset: int = 8
+    """Held-out examples per (dataset, template)."""
+    eval_templates: str = "all"
+    """"all" templates of each held-out dataset (template spread reported) or "first"."""
+    max_options: int = 10
+    """A template whose observed answers number 2..max_options is scored by rank classification over them."""
+    rouge_clusters: list[str] = field(default_factory=lambda: ["summarization", "structure_to_text"])
+    """Generative held-out clusters scored by ROUGE-L (others: exact match)."""
+
+    def __post_init__(self) -> None:
+        if self.total < 1 or not self.seeds:
+            raise ConfigError(f"t0.total must be >= 1 and t0.seeds non-empty, got {self.total}, {self.seeds}")
+        if self.eval_templates not in ("all", "first"):
+            raise ConfigError(f"t0.eval_templates must be 'all' or 'first', got {self.eval_templates!r}")
+
+
+@dataclass
 class FlanScalingConfig:
     """`instructkit experiment flan-scaling`: FLAN's cluster-scaling experiment. Hold out cluster(s); LoRA-SFT the same
     base on task mixtures of 1, 2, 4, ... and all remaining clusters; evaluate the base and each tuned model zero-shot
@@ -762,6 +792,10 @@ class FlanScalingConfig:
     """Seed of the held-out evaluation examples."""
     contamination_ngram: int = 8
     """n of the n-gram contamination check between each run's mixture and the held-out examples."""
+    t0: T0SourceConfig = field(default_factory=T0SourceConfig)
+    """Real tasks: with t0.path set, clusters, training mixtures and held-out items come from T0 (the `mixture` and
+    `eval_*` task-bank settings other than eval_max_new_tokens / eval_batch_size / eval_match are then unused), and a
+    contaminated mixture fails the run."""
 
     def __post_init__(self) -> None:
         if not self.heldout_clusters:
