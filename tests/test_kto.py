@@ -4,7 +4,11 @@ rises, the KL baseline estimated over the whole step makes a step independent of
 pairs are split into desirable and undesirable examples, and conversations are refused."""
 
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,8 @@ import pytest
 from instructkit.cli import main as cli
 from pref_helpers import BAD, GOOD, TOPICS, write_pairs
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_kto.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "tiny_kto.yaml")
 
 
 def write_unpaired(path, n, seed):
@@ -73,17 +78,6 @@ def test_kto_weights_scale_the_first_loss(kto_data, tmp_path):
     assert r["loss"] == pytest.approx((2.0 * n_d + 0.5 * n_u) / (2 * (n_d + n_u)), abs=1e-6)
 
 
-def test_kl_baseline_over_the_whole_step(kto_data, tmp_path):
-    # z0 is estimated from all of the step's mismatched pairs, so splitting a step into micro-batches changes nothing
-    assert cli(args(kto_data, tmp_path, "k8", "train.max_steps=3")) == 0
-    assert cli(args(kto_data, tmp_path, "k4x2", "train.max_steps=3", "train.micro_batch_size=4",
-                    "train.grad_accum=2")) == 0
-    a, b = metrics(tmp_path / "k8")[1:4], metrics(tmp_path / "k4x2")[1:4]
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
-    assert [r["kl_baseline"] for r in a] == pytest.approx([r["kl_baseline"] for r in b], abs=1e-5)
-    assert a[-1]["kl_baseline"] > 0  # the policy moved: mismatched completions changed likelihood
-
-
 def test_preference_pairs_split_into_desirable_and_undesirable(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 20, 0)
     assert cli(["kto", "--config", CONFIG, f"data.sources=[{{path: {pairs}}}]", "data.validation_fraction=0.2",
@@ -101,3 +95,46 @@ def test_conversations_are_refused(tmp_path, capsys):
                 "train.run_name=c", "data.validation_fraction=0"]) == 2
     err = capsys.readouterr().err
     assert "record 0 is a Conversation" in err and "KTO needs unpaired examples" in err
+
+
+def test_kto_with_lora_starts_from_the_base_and_saves_an_adapter(kto_data, tmp_path):
+    # LoRA's B = 0 at init: the policy is the base, so the reference log-probs taken before training are the base's
+    assert cli(args(kto_data, tmp_path, "lora", "train.max_steps=4", "lora.enabled=true", "lora.r=8",
+                    "lora.dropout=0.0", "train.lr=0.01")) == 0
+    m = metrics(tmp_path / "lora")
+    assert m[1]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert m[-1]["eval_reward_margin"] > m[0]["eval_reward_margin"] == 0.0
+    assert (tmp_path / "lora" / "final" / "adapter_config.json").exists()
+
+
+def test_kl_baseline_over_the_whole_step_and_all_processes(kto_data, tmp_path):
+    """z0 is estimated from all of a step's mismatched pairs, summed over processes: one micro-batch of 8 == 2
+    micro-batches of 4 == torchrun 2 processes x 1 micro-batch of 4 (the same rows per step), so the same losses,
+    baselines and gradient norms."""
+    assert cli(args(kto_data, tmp_path, "k8", "train.max_steps=3")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    common = [a for a in args(kto_data, tmp_path, "", "train.max_steps=3", "train.micro_batch_size=4")[1:]
+              if not a.startswith("train.run_name=")]
+    one = subprocess.run([sys.executable, "-m", "instructkit", "kto", *common, "train.run_name=k4x2",
+                          "train.grad_accum=2"], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as sock:  # a free port for the gloo rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), "-m", "instructkit", "kto", *common,
+                          "train.run_name=two", "train.grad_accum=1"], env=env, cwd=ROOT, capture_output=True,
+                         text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+    a = metrics(tmp_path / "k8")
+    assert len(a) == 5 and a[3]["kl_baseline"] > 0  # the policy moved: mismatched completions changed likelihood
+    for other in ("k4x2", "two"):
+        b = metrics(tmp_path / other)
+        assert len(b) == 5
+        for ra, rb in zip(a, b):
+            for key in ("loss", "kl_baseline", "grad_norm", "desirable", "rewards_desirable", "eval_loss",
+                        "eval_reward_margin"):
+                if ra.get(key) is not None:
+                    assert rb[key] == pytest.approx(ra[key], abs=1e-5), (other, key, ra, rb)
