@@ -94,7 +94,7 @@ def test_conversations_are_refused(tmp_path, capsys):
     assert cli(["kto", "--config", CONFIG, f"data.sources=[{{path: {sft}}}]", f"train.output_dir={tmp_path}",
                 "train.run_name=c", "data.validation_fraction=0"]) == 2
     err = capsys.readouterr().err
-    assert "record 0 is a Conversation" in err and "KTO needs unpaired examples" in err
+    assert f"{sft}: example 0 is a Conversation (format 'messages')" in err and "KTO needs unpaired examples" in err
 
 
 def test_kto_with_lora_starts_from_the_base_and_saves_an_adapter(kto_data, tmp_path):

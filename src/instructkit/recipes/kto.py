@@ -43,21 +43,33 @@ class EncodedExample:
     mismatch: list[int] | None = None
 
 
-def unpaired_examples(examples: list, where: str) -> list:
-    """UnpairedExamples as (prompt, completion, label, tools); a PreferencePair gives its chosen response as desirable
-    and its rejected one as undesirable. Anything else is refused, naming the record."""
-    from instructkit.data.schema import DataError, PreferencePair, UnpairedExample
+def labelled(ex) -> list[tuple]:
+    """(prompt, completion, label, tools) tuples of an example: an UnpairedExample as is, a PreferencePair as its
+    chosen response (desirable) and its rejected one (undesirable); [] for any other kind."""
+    from instructkit.data.schema import PreferencePair, UnpairedExample
 
-    out = []
-    for i, ex in enumerate(examples):
-        if isinstance(ex, UnpairedExample):
-            out.append((ex.prompt, ex.completion, bool(ex.label), ex.tools))
-        elif isinstance(ex, PreferencePair):
-            out += [(ex.prompt, ex.chosen, True, ex.tools), (ex.prompt, ex.rejected, False, ex.tools)]
-        else:
-            raise DataError(f"{where}: record {i} is a {type(ex).__name__}; KTO needs unpaired examples (format kto: "
-                            "messages + label, or prompt + completion + label) or preference pairs")
-    return out
+    if isinstance(ex, UnpairedExample):
+        return [(ex.prompt, ex.completion, bool(ex.label), ex.tools)]
+    if isinstance(ex, PreferencePair):
+        return [(ex.prompt, ex.chosen, True, ex.tools), (ex.prompt, ex.rejected, False, ex.tools)]
+    return []
+
+
+def check_kinds(examples: list, stats: dict[str, Any], sources, prefix: str = "") -> None:
+    """Refuse an example KTO cannot use, naming its file and format (``stats``: read_sources' per-source counts, in
+    the order of ``sources``)."""
+    from instructkit.data.schema import DataError
+
+    k = 0
+    for src in sources:
+        st = stats.get(prefix + src.path, {})
+        n = st.get("examples", len(examples) - k)
+        for j, ex in enumerate(examples[k:k + n]):
+            if not labelled(ex):
+                raise DataError(f"{src.path}: example {j} is a {type(ex).__name__} (format {st.get('format')!r}); "
+                                "KTO needs unpaired examples (format kto: messages + label, or prompt + completion "
+                                "+ label) or preference pairs")
+        k += n
 
 
 def encode_examples(renderer, examples: list, max_length: int, seed: int) -> tuple[list[EncodedExample], dict]:
@@ -123,8 +135,11 @@ def main(cfg: KTOConfig) -> dict[str, Any]:
 
     # -- data (read and checked before the model is loaded)
     examples, read_stats = read_sources(cfg.data, cfg.data.sources, run.run_dir)
-    train_ex, val_ex, vstats = split_validation(examples, cfg.data, run.run_dir)
-    train_ex, val_ex = unpaired_examples(train_ex, "data.sources"), unpaired_examples(val_ex, "validation")
+    check_kinds(examples, read_stats, cfg.data.sources)
+    train_ex, val_ex, vstats = split_validation(examples, cfg.data, run.run_dir)  # a pair stays on one side
+    if cfg.data.validation:
+        check_kinds(val_ex, vstats, cfg.data.validation, prefix="validation:")
+    train_ex, val_ex = [t for ex in train_ex for t in labelled(ex)], [t for ex in val_ex for t in labelled(ex)]
 
     # -- model: its starting weights are the reference
     policy, tok = load_model_and_tokenizer(run.model_config(), cfg.lora, precision=run.precision)
