@@ -446,79 +446,6 @@ class DPOConfig:
 
 
 @dataclass
-class KTOConfig:
-    """`instructkit kto`: Kahneman-Tversky Optimization on unpaired desirable / undesirable completions."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The policy to tune (usually the SFT model); its starting weights are the frozen reference (with LoRA: the base
-    with the adapter disabled)."""
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    """LoRA / QLoRA adapter; disabled means all weights."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Unpaired data (format kto: messages + label / kto_tag, or prompt + completion + label); held-out examples for
-    the desirable-minus-undesirable reward evaluation come from `validation`."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation, checkpoints, logging; micro_batch_size counts examples (pack is ignored). The KL baseline z0 is
-    estimated over each whole optimizer step (all micro-batches, all processes)."""
-    beta: float = 0.1
-    """Strength of the implicit KL constraint (KTO's beta)."""
-    desirable_weight: float = 1.0
-    """lambda_D: weight of desirable examples. The paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3]; the ratio
-    on the training data is written to data_stats.json."""
-    undesirable_weight: float = 1.0
-    """lambda_U: weight of undesirable examples."""
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if self.desirable_weight < 0 or self.undesirable_weight < 0:
-            raise ConfigError("desirable_weight and undesirable_weight must be >= 0")
-
-
-@dataclass
-class ORPOConfig:
-    """`instructkit orpo`: Odds Ratio Preference Optimization: SFT on the chosen response plus an odds-ratio term, in
-    one stage, without a reference model."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The model to tune (ORPO starts from a base or SFT model; no reference copy is kept)."""
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    """LoRA / QLoRA adapter; disabled means all weights."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Preference pairs; held-out pairs for the log-odds-ratio evaluation come from `validation`."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation, checkpoints, logging; micro_batch_size counts pairs (pack is ignored)."""
-    lam: float = 0.1
-    """lambda: weight of the odds-ratio term beside the SFT loss (TRL's ORPOConfig.beta)."""
-
-    def __post_init__(self) -> None:
-        if self.lam < 0:
-            raise ConfigError(f"lam must be >= 0, got {self.lam}")
-
-
-@dataclass
-class SimPOConfig:
-    """`instructkit simpo`: Simple Preference Optimization: a length-normalised reward margin, no reference model."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The model to tune (usually the SFT model; no reference copy is kept)."""
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    """LoRA / QLoRA adapter; disabled means all weights."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Preference pairs; held-out pairs for the margin evaluation come from `validation`."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation, checkpoints, logging; micro_batch_size counts pairs (pack is ignored)."""
-    beta: float = 2.0
-    """Scale of the implicit reward beta / |y| log pi(y|x) (the paper uses 2.0-2.5)."""
-    gamma: float = 1.0
-    """Target reward margin (the paper's gamma; TRL's gamma_beta_ratio is gamma / beta)."""
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-
-
-@dataclass
 class PPOConfig:
     """`instructkit ppo`: PPO with a per-token KL penalty to the frozen SFT model (InstructGPT's RL stage)."""
 
@@ -602,6 +529,71 @@ class PPOConfig:
         exact_div(self.rollout_batch_size, self.samples_per_prompt, "rollout_batch_size / samples_per_prompt")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_coef > 0 needs ptx_data")
+
+
+@dataclass
+class GRPOConfig:
+    """`instructkit grpo`: RL with verifiable rewards: G sampled responses per prompt, group-relative advantages
+    (GRPO, or RLOO's leave-one-out baseline), a clipped surrogate with clip-higher, an optional KL to the reference."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy's starting point (usually an instruction-tuned model); with kl_coef > 0 it is also the reference."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """With LoRA the reference is the same base with the adapter disabled."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt sources (every turn before the last assistant turn is the prompt; the record's meta goes to the
+    rewards: a GSM8K answer, constraints from `instructkit data add-constraints`). `max_length` caps prompt tokens
+    (longer prompts are skipped with a count)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """max_steps = rollout batches (iterations); micro_batch_size = responses per forward/backward pass; lr, schedule,
+    save_every, resume as elsewhere."""
+    rewards: list[dict] = field(default_factory=list)
+    """Reward components, summed with weights: [{name: gsm8k | constraints | ends_turn | length | json, weight: 1.0,
+    ...its arguments}, {function: "pkg.module:fn", weight: 0.5, ...}] (rl/rewards.py)."""
+    prompts_per_step: int = 4
+    """Prompts per rollout batch (over all processes)."""
+    num_generations: int = 8
+    """G: responses sampled per prompt (the group)."""
+    updates_per_batch: int = 1
+    """mu: optimizer steps on each rollout batch (1: the ratio is exactly 1, the on-policy case; more reuse it with
+    importance ratios and clipping)."""
+    max_new_tokens: int = 64
+    """Response length cap; a response that hits it has not ended its turn."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (log-probs use the same temperature)."""
+    top_k: int = 0
+    """Top-k of rollouts (0: off)."""
+    advantage: str = "grpo"
+    """grpo (mean-centred within the group, divided by its std if scale_by_std) or rloo (leave-one-out baseline)."""
+    scale_by_std: bool = True
+    """GRPO: divide by the group's reward std (false: Dr. GRPO)."""
+    clip_low: float = 0.2
+    """Lower clip range of the ratio (1 - clip_low)."""
+    clip_high: float = 0.2
+    """Upper clip range (1 + clip_high); DAPO's clip-higher uses 0.28."""
+    kl_coef: float = 0.0
+    """beta of the k3 KL to the reference (0: no reference forward at all)."""
+    aggregation: str = "sequence"
+    """sequence (GRPO: mean over responses of per-response token means), token (DAPO: mean over all tokens),
+    constant (Dr. GRPO: sum / (responses x max_new_tokens))."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (no signal) from the update, and count them (DAPO)."""
+
+    def __post_init__(self) -> None:
+        if self.advantage not in ("grpo", "rloo"):
+            raise ConfigError(f"advantage must be grpo or rloo, got {self.advantage!r}")
+        if self.aggregation not in ("sequence", "token", "constant"):
+            raise ConfigError(f"aggregation must be sequence, token or constant, got {self.aggregation!r}")
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
+        if self.prompts_per_step < 1 or self.updates_per_batch < 1:
+            raise ConfigError("prompts_per_step and updates_per_batch must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"GRPO samples: temperature must be > 0, got {self.temperature}")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ConfigError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
 
 
 @dataclass
