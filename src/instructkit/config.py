@@ -446,6 +446,79 @@ class DPOConfig:
 
 
 @dataclass
+class KTOConfig:
+    """`instructkit kto`: Kahneman-Tversky Optimization on unpaired desirable / undesirable completions."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to tune (usually the SFT model); its starting weights are the frozen reference (with LoRA: the base
+    with the adapter disabled)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA / QLoRA adapter; disabled means all weights."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Unpaired data (format kto: messages + label / kto_tag, or prompt + completion + label); held-out examples for
+    the desirable-minus-undesirable reward evaluation come from `validation`."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, checkpoints, logging; micro_batch_size counts examples (pack is ignored). The KL baseline z0 is
+    estimated over each whole optimizer step (all micro-batches, all processes)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (KTO's beta)."""
+    desirable_weight: float = 1.0
+    """lambda_D: weight of desirable examples. The paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3]; the ratio
+    on the training data is written to data_stats.json."""
+    undesirable_weight: float = 1.0
+    """lambda_U: weight of undesirable examples."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if self.desirable_weight < 0 or self.undesirable_weight < 0:
+            raise ConfigError("desirable_weight and undesirable_weight must be >= 0")
+
+
+@dataclass
+class ORPOConfig:
+    """`instructkit orpo`: Odds Ratio Preference Optimization: SFT on the chosen response plus an odds-ratio term, in
+    one stage, without a reference model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to tune (ORPO starts from a base or SFT model; no reference copy is kept)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA / QLoRA adapter; disabled means all weights."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference pairs; held-out pairs for the log-odds-ratio evaluation come from `validation`."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, checkpoints, logging; micro_batch_size counts pairs (pack is ignored)."""
+    lam: float = 0.1
+    """lambda: weight of the odds-ratio term beside the SFT loss (TRL's ORPOConfig.beta)."""
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ConfigError(f"lam must be >= 0, got {self.lam}")
+
+
+@dataclass
+class SimPOConfig:
+    """`instructkit simpo`: Simple Preference Optimization: a length-normalised reward margin, no reference model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to tune (usually the SFT model; no reference copy is kept)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA / QLoRA adapter; disabled means all weights."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference pairs; held-out pairs for the margin evaluation come from `validation`."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, checkpoints, logging; micro_batch_size counts pairs (pack is ignored)."""
+    beta: float = 2.0
+    """Scale of the implicit reward beta / |y| log pi(y|x) (the paper uses 2.0-2.5)."""
+    gamma: float = 1.0
+    """Target reward margin (the paper's gamma; TRL's gamma_beta_ratio is gamma / beta)."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+
+
+@dataclass
 class PPOConfig:
     """`instructkit ppo`: PPO with a per-token KL penalty to the frozen SFT model (InstructGPT's RL stage)."""
 

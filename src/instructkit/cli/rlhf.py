@@ -1,5 +1,5 @@
-"""`instructkit reward-model | ppo | dpo | grpo --config FILE [key.sub=value ...]`: the preference-learning and RL
-stages."""
+"""`instructkit reward-model | ppo | dpo | kto | orpo | simpo | grpo --config FILE [key.sub=value ...]`: the
+preference-learning and RL stages."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ _COMMANDS = {
             "PPOConfig", "ppo", "configs/tiny_ppo.yaml"),
     "dpo": ("Direct Preference Optimization (sigmoid, cDPO label smoothing, IPO) against a frozen reference",
             "DPOConfig", "dpo", "configs/tiny_dpo.yaml"),
+    "kto": ("Kahneman-Tversky Optimization on unpaired desirable / undesirable completions against a frozen reference",
+            "KTOConfig", "kto", "configs/tiny_kto.yaml"),
+    "orpo": ("ORPO: SFT plus an odds-ratio preference term in one stage, no reference model",
+             "ORPOConfig", "orpo", "configs/tiny_orpo.yaml"),
+    "simpo": ("SimPO: a length-normalised reward margin on preference pairs, no reference model",
+              "SimPOConfig", "simpo", "configs/tiny_simpo.yaml"),
     "grpo": ("GRPO / RLOO: RL with verifiable rewards, G samples per prompt, group-relative advantages, clip-higher",
              "GRPOConfig", "grpo", "configs/tiny_grpo.yaml"),
 }
