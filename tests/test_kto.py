@@ -138,3 +138,18 @@ def test_kl_baseline_over_the_whole_step_and_all_processes(kto_data, tmp_path):
                         "eval_reward_margin"):
                 if ra.get(key) is not None:
                     assert rb[key] == pytest.approx(ra[key], abs=1e-5), (other, key, ra, rb)
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(kto_data, tmp_path):
+    # the reference log-probs come from the starting weights before the checkpoint is loaded, so a resumed run
+    # continues exactly: the same losses, baselines and held-out numbers after the checkpoint's step
+    assert cli(args(kto_data, tmp_path, "ref", "train.max_steps=4", "train.save_every=2")) == 0
+    ckpt = tmp_path / "ref" / "checkpoints" / "step-2"
+    assert cli(args(kto_data, tmp_path, "res", "train.max_steps=4", "train.save_every=2",
+                    f"train.resume={ckpt}")) == 0
+    timeless = [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in metrics(tmp_path / "ref")]
+    resumed = [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in metrics(tmp_path / "res")]
+    assert [r["step"] for r in resumed][-3:] == [3, 4, 4]
+    assert resumed[-3:] == timeless[-3:]
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 2 and summary["initial_eval"]["eval_loss"] == pytest.approx(0.5, abs=1e-6)
