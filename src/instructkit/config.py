@@ -942,6 +942,72 @@ class FlanScalingConfig:
             raise ConfigError(f"cluster_counts must be a non-empty list of counts >= 0, got {self.cluster_counts}")
 
 
+def _default_lima_lora() -> LoRAConfig:
+    return LoRAConfig(enabled=True, r=16, alpha=32, dropout=0.0)
+
+
+@dataclass
+class LimaConfig:
+    """`instructkit experiment lima`: quality against quantity at equal training compute (LIMA, Zhou et al. 2023).
+    Arms: "curated" (n_examples after quality filters, dedup and diversity selection, data/curation.py), "random"
+    (n_examples drawn uniformly from the same pool) and "pool" (the whole pool); every arm trains for the same
+    train.max_steps with the same rows x pack_length tokens per step, and is evaluated by the same code
+    (recipes/evaluate.py: IFEval subset, held-out loss, stop rate)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model (a folder, a zoo name, or "tiny:" for a tiny random Llama built into the experiment folder)."""
+    lora: LoRAConfig = field(default_factory=_default_lima_lora)
+    t0_path: str = ""
+    """T0 per-template file for the pool (eval/t0.py reads it); empty: no T0."""
+    alpaca_path: str = ""
+    """Alpaca-format file for the pool (lf_alpaca_en_demo.json); empty: none."""
+    builtin_sources: list[str] = field(default_factory=lambda: ["builtin:quickstart_train"])
+    """Further conversation files (any format data/io.py reads) added to the pool."""
+    max_per_source: int = 0
+    """Cap on examples read from each source (0: all); for tests and budget."""
+    heldout_alpaca: int = 50
+    """The last N Alpaca records are held out of the pool for held-out loss (with heldout_data)."""
+    heldout_data: str = "builtin:quickstart_heldout"
+    """Conversations for held-out loss (added to the held-out Alpaca records); never in any arm's training."""
+    n_examples: int = 1000
+    """Size of the curated and random arms."""
+    arms: list[str] = field(default_factory=lambda: ["curated", "random", "pool"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Each arm is trained once per seed (random draw, data order, init of the adapter)."""
+    min_response_words: int = 3
+    """Curation: responses with fewer words are removed."""
+    near_threshold: float = 0.8
+    """Curation: near-duplicate Jaccard threshold."""
+    decontaminate_pool: bool = True
+    """Remove pool examples sharing a contamination_ngram-gram with an evaluation text before any arm is drawn; the
+    per-arm gate (which fails the run on any overlap) runs either way."""
+    contamination_ngram: int = 13
+    data: DataConfig = field(default_factory=DataConfig)
+    """max_length, mask, seed for every arm (sources are set per arm)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation for every arm; max_steps > 0 is the equal compute; runs go to <output_dir>/<run_name>/<arm>_seed<s>."""
+    ifeval_prompts: str = ""
+    """IFEval input file; empty: no IFEval."""
+    ifeval_limit: int | None = 64
+    stop_rate_limit: int | None = 40
+    heldout_limit: int | None = None
+    max_new_tokens: int = 256
+    eval_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ("curated", "random", "pool")]
+        if bad or not self.arms:
+            raise ConfigError(f"arms must be a non-empty subset of curated, random, pool; got {self.arms}")
+        if self.train.max_steps <= 0:
+            raise ConfigError("lima needs train.max_steps > 0: the equal number of optimizer steps of every arm")
+        if not self.train.pack:
+            raise ConfigError("lima needs train.pack: true, so every step holds the same rows x pack_length tokens")
+        if self.n_examples < 1 or not self.seeds:
+            raise ConfigError("n_examples must be >= 1 and seeds non-empty")
+        if not (self.t0_path or self.alpaca_path or self.builtin_sources):
+            raise ConfigError("the pool is empty: set t0_path, alpaca_path or builtin_sources")
+
+
 @dataclass
 class EvaluateConfig:
     """`instructkit evaluate run --config configs/evaluate.yaml`: every evaluation of one model, results saved next to

@@ -21,6 +21,8 @@ training mixture that shares a `contamination_ngram`-gram with a held-out exampl
 training. Report: results.json, report.md, curve.png (mean over seeds, error bars = seed spread, band = template
 spread).
 
+lima (LIMA, Zhou et al. 2023): curated vs random vs the whole pool at equal compute; cli/lima.py.
+
 instructgpt (InstructGPT, Ouyang et al. 2022): SFT -> reward model -> PPO, then an SFT-vs-PPO report; the pipeline is
 recipes/instructgpt.py.
 """
@@ -34,12 +36,16 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("experiment", help="multi-run experiments: flan-scaling, instructgpt")
+    parser = subparsers.add_parser("experiment", help="multi-run experiments: flan-scaling, lima, instructgpt")
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     p = sub.add_parser("flan-scaling", help="held-out cluster score vs number of instruction-tuning clusters")
     p.add_argument("--config", default=None, help="YAML config (configs/flan_scaling.yaml, configs/tiny_flan_scaling.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_flan_scaling)
+    p = sub.add_parser("lima", help="quality vs quantity at equal compute: curated vs random vs the whole pool")
+    p.add_argument("--config", default="configs/lima.yaml", help="YAML config (configs/lima.yaml, configs/tiny_lima.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=cmd_lima)
     p = sub.add_parser("instructgpt", help="SFT -> reward model -> PPO, then an SFT-vs-PPO report")
     p.add_argument("--config", default="configs/instructgpt.yaml",
                    help="YAML config (configs/instructgpt.yaml, configs/tiny_instructgpt.yaml)")
@@ -55,6 +61,16 @@ def cmd_flan_scaling(args) -> int:
     result = run_flan_scaling(cfg)
     print(Path(result["report"]).read_text(encoding="utf-8"))
     print(f"saved {result['report']}, {result['curve']} and {result['results']}", file=sys.stderr)
+    return 0
+
+
+def cmd_lima(args) -> int:
+    from instructkit.cli.lima import run_lima
+    from instructkit.config import LimaConfig, load_config
+
+    result = run_lima(load_config(LimaConfig, args.config, args.overrides))
+    print(Path(result["report"]).read_text(encoding="utf-8"))
+    print(f"saved {result['report']}, {result['plot']} and {result['results']}", file=sys.stderr)
     return 0
 
 
