@@ -255,7 +255,8 @@ def plot_curve(results: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # flan-scaling on T0 (real tasks)
 # ---------------------------------------------------------------------------------------------------------------------
-def _prepare_base(cfg, out: Path) -> str:
+def prepare_base(cfg, out: Path) -> str:
+    """The base model path; "tiny:" builds a tiny random Llama into <out>/base_model once."""
     if cfg.model.path.startswith("tiny:"):
         from instructkit.models.tiny import create_tiny
 
@@ -266,20 +267,6 @@ def _prepare_base(cfg, out: Path) -> str:
     return cfg.model.path
 
 
-def check_clean(train_convs, eval_convs, n: int, what: str) -> dict:
-    """The contamination check that gates a run: raises DataError naming the overlaps when any evaluation example
-    shares an n-gram with the training mixture; returns the (clean) report otherwise."""
-    from instructkit.data.schema import DataError
-    from instructkit.eval.contamination import check_contamination
-
-    rep = check_contamination(train_convs, eval_convs, n=n)
-    if not rep.clean:
-        shown = "; ".join(f"{o.task}: {o.ngram!r}" for o in rep.overlaps[:5])
-        raise DataError(f"{what}: {rep.contaminated} of {rep.checked} evaluation examples share a {n}-gram with the "
-                        f"training mixture (first: {shown}); fix the mixture or the held-out split before training")
-    return rep.to_dict(max_overlaps=0)
-
-
 def run_flan_scaling_t0(cfg) -> dict:
     import dataclasses
 
@@ -287,6 +274,7 @@ def run_flan_scaling_t0(cfg) -> dict:
 
     from instructkit.config import ConfigError, DataSource, SFTConfig, save_config
     from instructkit.data.io import write_jsonl
+    from instructkit.eval.contamination import require_clean
     from instructkit.eval.heldout import load_for_eval, write_results
     from instructkit.eval.t0 import evaluate_t0, heldout_items, load_t0, to_conversation, training_mixture
     from instructkit.recipes import sft
@@ -301,7 +289,7 @@ def run_flan_scaling_t0(cfg) -> dict:
     if unknown:
         raise ConfigError(f"heldout_clusters {unknown} are not T0 clusters; available: {data.clusters()}")
     options = data.options(cfg.t0.max_options)
-    base_path = _prepare_base(cfg, root)
+    base_path = prepare_base(cfg, root)
     groups = [[c] for c in cfg.heldout_clusters] if cfg.t0.heldout_in_turn else [list(cfg.heldout_clusters)]
 
     experiments = []
@@ -339,7 +327,7 @@ def run_flan_scaling_t0(cfg) -> dict:
                 mixture = training_mixture(data, clusters, cfg.t0.total, seed, templates_per_dataset=tpd)
                 convs = [to_conversation(r) for r in mixture]
                 mixtures[name] = (arm, k, clusters, tpd, seed, mixture, convs,
-                                  check_clean(convs, eval_convs, cfg.contamination_ngram, f"{out.name}/{name}"))
+                                  require_clean(convs, eval_convs, cfg.contamination_ngram, f"{out.name}/{name}"))
 
         runs = [{"arm": "base", "clusters": 0, "train_clusters": [], "templates": "-", "seed": None,
                  "eval": evaluate(base_path, out / "base", "base model (zero-shot)")}]

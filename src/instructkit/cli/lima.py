@@ -110,7 +110,7 @@ def decontaminate(pool, eval_convs, n: int) -> tuple[list, int]:
 def run_lima(cfg) -> dict:
     import torch
 
-    from instructkit.cli.experiment import _prepare_base, check_clean
+    from instructkit.eval.contamination import require_clean
     from instructkit.config import DataSource, EvaluateConfig, SFTConfig, save_config
     from instructkit.data.curation import CurationConfig, curate
     from instructkit.data.io import write_jsonl
@@ -121,7 +121,13 @@ def run_lima(cfg) -> dict:
     save_config(cfg, root / "config.yaml")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    base_path = _prepare_base(cfg, root)
+    base_path = cfg.model.path
+    if base_path.startswith("tiny:"):
+        from instructkit.models.tiny import create_tiny
+
+        if not (root / "base_model" / "config.json").exists():
+            create_tiny(root / "base_model", seed=cfg.train.seed)
+        base_path = str((root / "base_model").resolve())
 
     # -- 1-2. pool, held-out set, decontamination ------------------------------------------------------------------------
     pool, heldout, source_counts = read_pool(cfg)
@@ -152,7 +158,7 @@ def run_lima(cfg) -> dict:
                 data = list(pool)
                 random.Random(f"lima-pool/{seed}").shuffle(data)
             name = f"{arm}_seed{seed}"
-            arms[name] = (arm, seed, data, check_clean(data, eval_convs, cfg.contamination_ngram, name))
+            arms[name] = (arm, seed, data, require_clean(data, eval_convs, cfg.contamination_ngram, name))
 
     rows = cfg.train.micro_batch_size * cfg.train.grad_accum
     capacity = rows * cfg.train.pack_length

@@ -130,3 +130,16 @@ def check_contamination(train: Iterable[Conversation], evals: Sequence[Conversat
             stats["contaminated"] += 1
             report.overlaps.append(hit)
     return report
+
+
+def require_clean(train: Iterable[Conversation], evals: Sequence[Conversation], n: int, what: str) -> dict:
+    """The contamination check that gates a training run: raises DataError naming the overlaps when any evaluation
+    example shares an ``n``-gram with the training conversations; returns the (clean) report as a dict otherwise."""
+    from instructkit.data.schema import DataError
+
+    rep = check_contamination(train, evals, n=n)
+    if not rep.clean:
+        shown = "; ".join(f"{o.task}: {o.ngram!r}" for o in rep.overlaps[:5])
+        raise DataError(f"{what}: {rep.contaminated} of {rep.checked} evaluation examples share a {n}-gram with the "
+                        f"training mixture (first: {shown}); fix the mixture or the held-out split before training")
+    return rep.to_dict(max_overlaps=0)
