@@ -3,6 +3,7 @@
     pip install -e '.[bench]'            # TRL, for the peer side only
     HF_HUB_OFFLINE=1 python bench/rlhf.py [--only dpo|rl|all] [--steps 12] [--reps 3]
     HF_HUB_OFFLINE=1 python bench/rlhf.py --only rl [--rl-configs tiny,smollm2-lora] [--reps 3]
+    HF_HUB_OFFLINE=1 python bench/rlhf.py --only grpo [--rl-configs tiny,smollm2-lora] [--reps 3]   # or --tiny
 
 Results go to bench/results/rlhf.json: {"dpo": {...}, "rl": {...}}; a run of one part keeps the other part's object.
 
@@ -35,6 +36,18 @@ far as that allows:
 Each (side, repetition) is its own subprocess (clean peak RSS), interleaved ik, trl, ik, trl, ... Iteration 0 is a
 warm-up; the timed window runs from the start of iteration 1's generation to the end of the last optimizer step.
 Rollout tokens/s = completion tokens (stop token included, padding not) / seconds inside the generate calls.
+
+GRPO (`--only grpo`): instructkit `grpo` vs TRL's GRPOTrainer, the same algorithm, on the RL part's models, prompts,
+reward and timing (same children, same timed window). Same work per iteration: 2 prompts x G=4 samples; 2 optimizer
+steps on the whole rollout batch of 8 (ours updates_per_batch=2 over one micro-batch of 8; TRL
+per_device_train_batch_size=8, steps_per_generation=1, num_iterations=2), old log-probs once per batch on both sides;
+group advantages mean-centred and divided by the group std (ours advantage=grpo, scale_by_std; TRL
+scale_rewards=group); the clipped surrogate with eps 0.2 on both sides (ours clip_low = clip_high = 0.2, TRL epsilon =
+epsilon_high = 0.2); token-mean aggregation (ours aggregation=token, TRL loss_type=dapo); k3 KL to the reference with
+beta 0.05 (the adapter disabled under LoRA, a frozen copy otherwise, on both sides); no dynamic sampling (TRL has
+none). `--tiny` is a dry run that checks the script end to end in about a minute: the tiny random model
+(models/tiny.py, its 512-token ChatML tokenizer), 2 iterations of 8 new tokens, 1 repetition, nothing written to
+results/ (timings from it mean nothing).
 """
 
 from __future__ import annotations
@@ -344,7 +357,7 @@ def rl_child_trl(spec: dict) -> dict:
                       learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                       max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, use_cpu=True, report_to=[],
                       save_strategy="no", disable_tqdm=True, seed=spec["seed"], dataloader_num_workers=0,
-                      logging_steps=steps_per_it)
+                      logging_steps=steps_per_it, **spec.get("trl_extra", {}))
     ds = Dataset.from_list([{"prompt": p} for p in spec["prompts"]])
     trainer = GRPOTrainer(model=model, reward_funcs=even_token_reward, args=args, train_dataset=ds,
                           processing_class=tok, peft_config=peft_config, callbacks=[StepEnds()])
@@ -363,6 +376,154 @@ def rl_child_trl(spec: dict) -> dict:
     first = next((h for h in trainer.state.log_history if "reward" in h), {})
     out["first_score"] = first.get("reward")
     shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+# =====================================================================================================================
+# GRPO: instructkit `grpo` vs TRL 1.16 GRPOTrainer, the same algorithm
+# =====================================================================================================================
+GRPO_SHAPE = dict(n_prompts=2, num_generations=4, max_new_tokens=32, temperature=1.0, updates_per_batch=2, lr=1e-5,
+                  kl_coef=0.05, clip=0.2)
+
+
+def grpo_spec_fields(shape: dict) -> dict:
+    """The spec keys both children read, in the RL part's names: one mini-batch of the whole rollout batch, updated
+    ``updates_per_batch`` times (TRL: steps_per_generation=1, num_iterations=updates_per_batch)."""
+    rollouts = shape["n_prompts"] * shape["num_generations"]
+    return {**shape, "rollouts": rollouts, "mini_batch": rollouts, "minibatches": 1,
+            "ppo_epochs": shape["updates_per_batch"],
+            "trl_extra": {"loss_type": "dapo", "epsilon": shape["clip"], "epsilon_high": shape["clip"],
+                          "scale_rewards": "group"}}
+
+
+def grpo_prepare(name: str, cfg: dict, shape: dict, threads: int, seed: int) -> dict:
+    """Spec file for the children: the RL part's model for ``name``, or (``tiny``) the tiny random model."""
+    if name != "tiny-dry-run":
+        prep = rl_prepare(name, cfg, threads, seed)
+        spec = json.loads(Path(prep["spec_path"]).read_text())
+    else:
+        from transformers import AutoTokenizer
+
+        from instructkit.models.tiny import create_tiny
+
+        work = RL_WORK / name
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        model_dir = create_tiny(work / "model", seed=seed)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+            raise SystemExit(f"{model_dir}: needs a pad token distinct from eos")
+        spec = {"name": name, "model_dir": str(model_dir), "lora": cfg["lora"], "iterations": cfg["iterations"],
+                "threads": threads, "seed": seed, "prompts": rl_prompts(shape["n_prompts"]),
+                "reward_token_ids": list(range(0, len(tok), 2)), "work": str(work)}
+        prep = {"model_dir": str(model_dir), "vocab": len(tok)}
+    spec.update(grpo_spec_fields(shape), iterations=cfg["iterations"], name=f"grpo-{name}")
+    path = Path(spec["work"]) / "grpo_spec.json"
+    path.write_text(json.dumps(spec))
+    return {**prep, "spec_path": str(path)}
+
+
+def rl_child_instructkit_grpo(spec: dict) -> dict:
+    """Our side of the GRPO comparison: recipes/grpo.py with the spec's shape; the same timing hooks as the PPO child
+    (Engine.generate, training/loop.optimizer_step, which the run runtime calls)."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(spec["threads"])
+    import instructkit.generation.engine as engine_mod
+    import instructkit.training.loop as loop_mod
+    from instructkit.config import DataSource, GRPOConfig, load_config
+    from instructkit.recipes import grpo
+
+    gens: list[dict] = []
+    step_ends: list[float] = []
+    orig_generate, orig_step = engine_mod.Engine.generate, loop_mod.optimizer_step
+
+    def timed_generate(self, prompts, params, *a, **kw):
+        t0 = time.perf_counter()
+        outs = orig_generate(self, prompts, params, *a, **kw)
+        gens.append({"t0": t0, "t1": time.perf_counter(), "tokens": sum(len(o.token_ids) for o in outs),
+                     "prompt_ids": [list(map(int, p)) for p in prompts]})
+        return outs
+
+    def timed_step(*a, **kw):
+        res = orig_step(*a, **kw)
+        step_ends.append(time.perf_counter())
+        return res
+
+    engine_mod.Engine.generate, loop_mod.optimizer_step = timed_generate, timed_step
+    work = Path(spec["work"]) / "ik_grpo"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    data = work / "prompts.jsonl"  # the prompts of every rollout batch (prompts_per_step = all of them)
+    data.write_text("".join(json.dumps({"messages": p + [{"role": "assistant", "content": "-"}]}) + "\n"
+                            for p in spec["prompts"]))
+    clip = spec["clip"]
+    overrides = [f"model.path={spec['model_dir']}", f"train.output_dir={work}", "train.run_name=ik",
+                 f"train.max_steps={spec['iterations']}", f"train.micro_batch_size={spec['mini_batch']}",
+                 "train.grad_accum=1", f"train.lr={spec['lr']}", "train.schedule=constant", "train.resume=never",
+                 "train.max_grad_norm=1.0", "train.save_every=0", f"train.seed={spec['seed']}",
+                 f"train.threads={spec['threads']}", "data.max_length=512",
+                 f"prompts_per_step={spec['n_prompts']}", f"num_generations={spec['num_generations']}",
+                 f"updates_per_batch={spec['updates_per_batch']}", f"max_new_tokens={spec['max_new_tokens']}",
+                 f"temperature={spec['temperature']}", f"kl_coef={spec['kl_coef']}", "advantage=grpo",
+                 "scale_by_std=true", f"clip_low={clip}", f"clip_high={clip}", "aggregation=token",
+                 "dynamic_sampling=false"]
+    lora = spec["lora"]
+    if lora:
+        overrides += ["lora.enabled=true", f"lora.r={lora['r']}", f"lora.alpha={lora['alpha']}",
+                      f"lora.dropout={lora['dropout']}"]
+    cfg = load_config(GRPOConfig, None, overrides)
+    cfg.data.sources = [DataSource(path=str(data))]
+    cfg.rewards = [{"function": "instructkit.rl.rollout:token_fraction_reward", "weight": 1.0,
+                    "token_ids": spec["reward_token_ids"]}]
+    grpo.main(cfg)
+    out = _gen_summary(spec, gens, step_ends, len(step_ends), t_start)
+    recs = [json.loads(x) for x in (work / "ik" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    out["first_score"] = next((r["reward"] for r in recs if r.get("reward") is not None), None)
+    return out
+
+
+def run_grpo(args) -> dict:
+    """The GRPO comparison over the requested configs (or the tiny dry run); returns {config: summary}."""
+    out: dict = {}
+    names = ["tiny-dry-run"] if args.tiny else [c for c in args.rl_configs.split(",") if c]
+    shape = dict(GRPO_SHAPE, max_new_tokens=8) if args.tiny else dict(GRPO_SHAPE)
+    reps = 1 if args.tiny else args.reps
+    for name in names:
+        cfg = dict(lora=None, iterations=2) if args.tiny else dict(RL_CONFIGS[name])
+        if args.rl_iterations and not args.tiny:
+            cfg["iterations"] = args.rl_iterations
+        prep = grpo_prepare(name, cfg, shape, threads=2, seed=0)
+        rl_log(f"grpo {name}: model {prep['model_dir']}, {cfg['iterations']} iterations per child, {reps} reps")
+        runs: dict[str, list[dict]] = {"instructkit": [], "trl": []}
+        for rep in range(reps):
+            for side, child in (("instructkit", "instructkit-grpo"), ("trl", "trl")):
+                r = rl_run_child(child, prep["spec_path"], args.nice)
+                runs[side].append(r)
+                rl_log(f"grpo {name} {side} rep {rep}: " + ", ".join(f"{k} {r[k]:.3g}" for k in RL_METRICS)
+                       + f", first reward {r['first_score']}, tokens/it {r['completion_tokens_per_iteration']}")
+        if runs["instructkit"][0]["prompt_ids_sorted"] != runs["trl"][0]["prompt_ids_sorted"]:
+            raise SystemExit(f"grpo {name}: the two sides generated from different prompt token ids")
+        if runs["instructkit"][0]["optimizer_steps"] != runs["trl"][0]["optimizer_steps"]:
+            raise SystemExit(f"grpo {name}: different optimizer steps per run")
+        summary: dict = {"setup": {**cfg, **shape, "model_dir": prep["model_dir"], "vocab": prep["vocab"],
+                                   "optimizer_steps_per_iteration": shape["updates_per_batch"],
+                                   "prompt_tokens": [len(p) for p in runs["trl"][0]["prompt_ids_sorted"]],
+                                   "command": "HF_HUB_OFFLINE=1 python bench/rlhf.py --only grpo --rl-configs"
+                                              f" {name} --rl-iterations {cfg['iterations']} --reps {reps}"
+                                              f" --nice {args.nice}",
+                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
+        for side, rs in runs.items():
+            summary[side] = {k: statistics.median(r[k] for r in rs) for k in RL_METRICS}
+            summary[side]["first_reward"] = rs[0]["first_score"]
+            summary[side]["per_rep"] = [{k: v for k, v in r.items() if k != "prompt_ids_sorted"} for r in rs]
+        ik, trl = summary["instructkit"], summary["trl"]
+        summary["ratios"] = {
+            "rollout_tokens_per_s": ik["rollout_tokens_per_s"] / trl["rollout_tokens_per_s"],
+            "iterations_per_min": ik["iterations_per_min"] / trl["iterations_per_min"],
+            "peak_rss": ik["peak_rss_mib"] / trl["peak_rss_mib"],
+        }
+        rl_log(f"grpo {name} ratios: {json.dumps(summary['ratios'])}")
+        out[name] = summary
     return out
 
 
@@ -434,7 +595,9 @@ def run_rl(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["dpo", "rl", "all"], default="all")
+    ap.add_argument("--only", choices=["dpo", "rl", "grpo", "all"], default="all")
+    ap.add_argument("--tiny", action="store_true",
+                    help="GRPO: a dry run on the tiny random model (checks the script; writes no results)")
     ap.add_argument("--steps", type=int, default=12, help="DPO: optimizer steps per run")
     ap.add_argument("--batch", type=int, default=8, help="DPO: pairs per step")
     ap.add_argument("--reps", type=int, default=3)
@@ -443,14 +606,20 @@ def main() -> None:
     ap.add_argument("--rl-iterations", type=int, default=0, help="RL: iterations per child (0: per config)")
     ap.add_argument("--nice", type=int, default=5, help="RL: niceness of the child processes")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rlhf.json"))
-    ap.add_argument("--child-rl", choices=["instructkit", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-rl", choices=["instructkit", "instructkit-grpo", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_rl:
         spec = json.loads(Path(args.spec).read_text())
-        res = (rl_child_instructkit if args.child_rl == "instructkit" else rl_child_trl)(spec)
+        res = {"instructkit": rl_child_instructkit, "instructkit-grpo": rl_child_instructkit_grpo,
+               "trl": rl_child_trl}[args.child_rl](spec)
         Path(args.result).write_text(json.dumps(res))
+        return
+    if args.tiny:
+        if args.only != "grpo":
+            raise SystemExit("--tiny is the GRPO dry run: use it with --only grpo")
+        print(json.dumps(run_grpo(args), indent=1))
         return
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -465,6 +634,8 @@ def main() -> None:
         results["rl"] = {**results.get("rl", {}), **rl,
                          "meta": {"torch": torch.__version__, "transformers": transformers.__version__,
                                   "trl": __import__("trl").__version__, "threads": 2}}
+    if args.only in ("grpo", "all"):
+        results["grpo"] = {**results.get("grpo", {}), **run_grpo(args)}
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
 
