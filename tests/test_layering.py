@@ -2,8 +2,9 @@
 
 A small AST walk, nothing is imported: every `import` / `from ... import` statement counts, at module level or inside
 a function (a lazy import still ties the two modules together; it only hides the tie until the function runs), and so
-does `importlib.import_module("instructkit....")` with a literal (or f-string) module name. docs/architecture.md
-describes the layers this test enforces.
+does `importlib.import_module("instructkit....")` with a literal (or f-string) module name. A layer rule holds for
+chains of imports too: a module that imports a module that imports model code imports model code.
+docs/architecture.md describes the layers this test enforces.
 """
 
 from __future__ import annotations
@@ -182,14 +183,35 @@ def _cycles() -> list[list[str]]:
 
 
 def layer_violations() -> list[str]:
+    """Imports against LAYER_RULES, direct or through a chain of imports (importing a module that imports model code
+    imports model code): one line per (module, forbidden module first reached), with the shortest chain. A chain does
+    not continue through a module the rule exempts (the CLI may import recipes, so what imports the CLI is not
+    charged with them)."""
     out = []
-    for module, edges in GRAPH.items():
-        for target, _, line in edges:
-            for importers, forbidden, exempt, why in LAYER_RULES:
-                if (any(_inside(module, p) for p in importers) and any(_inside(target, p) for p in forbidden)
-                        and not any(_inside(module, p) for p in exempt)
-                        and not _inside(target, module)):  # a package may import its own submodules
-                    out.append(f"{_where(module, line)}: {module} imports {target} ({why})")
+    for module in sorted(GRAPH):
+        for importers, forbidden, exempt, why in LAYER_RULES:
+            if not any(_inside(module, p) for p in importers) or any(_inside(module, p) for p in exempt):
+                continue
+            # breadth first from `module`: the first edge that enters forbidden code ends that chain
+            parent: dict[str, tuple[str, int]] = {}
+            queue, seen = [module], {module}
+            while queue:
+                current = queue.pop(0)
+                for target, _, line in GRAPH[current]:
+                    if target in seen or _inside(target, module):  # a package may import its own submodules
+                        continue
+                    seen.add(target)
+                    parent[target] = (current, line)
+                    if any(_inside(target, f) for f in forbidden):
+                        chain, node = [target], target
+                        while node != module:
+                            node = parent[node][0]
+                            chain.append(node)
+                        chain.reverse()
+                        first_line = parent[chain[1]][1]
+                        out.append(f"{_where(module, first_line)}: {' -> '.join(chain)} ({why})")
+                    elif not any(_inside(target, e) for e in exempt):
+                        queue.append(target)
     return sorted(set(out))
 
 
@@ -235,6 +257,16 @@ def test_imports_follow_the_layers():
 def test_no_private_name_crosses_a_package():
     bad = private_imports()
     assert not bad, "private names imported from another package (make them public or move them):\n" + "\n".join(bad)
+
+
+def test_a_chain_of_imports_counts(monkeypatch):
+    # data -> (a helper) -> models: data reaches model code through the helper; the line names the whole chain
+    monkeypatch.setitem(GRAPH, "instructkit.data.schema",
+                        GRAPH["instructkit.data.schema"] + [("instructkit.eval.contamination", "x", 1)])
+    monkeypatch.setitem(GRAPH, "instructkit.eval.contamination",
+                        GRAPH["instructkit.eval.contamination"] + [("instructkit.models.load", "y", 2)])
+    bad = [v for v in layer_violations() if v.startswith("src/instructkit/data/schema.py:1:")]
+    assert bad and "instructkit.data.schema -> instructkit.eval.contamination -> instructkit.models.load" in bad[0]
 
 
 @pytest.mark.parametrize("source, expected", [

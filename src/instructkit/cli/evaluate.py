@@ -66,6 +66,7 @@ def _ifeval(args) -> int:
 
     from instructkit.data.io import write_jsonl
     from instructkit.eval import instruction_following as ife
+    from instructkit.eval.metrics import generate_responses
 
     if bool(args.model) == bool(args.responses):
         print("error: give exactly one of --model (generate, then score) or --responses (score a file)", file=sys.stderr)
@@ -81,7 +82,7 @@ def _ifeval(args) -> int:
         prompts = prompts[: args.limit] if args.limit else prompts
         model, tokenizer = _load(args)
         settings = ife.GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        responses = ife.generate_responses(model, tokenizer, prompts, settings)
+        responses = generate_responses(model, tokenizer, prompts, settings)
         results = [ife.score_response(p, r) for p, r in zip(prompts, responses)]
     metrics = ife.ifeval_metrics(results)
     rows = ife.results_to_rows(results)

@@ -458,21 +458,3 @@ class GenerationSettings:
     batch_size: int = 8
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def generate_responses(model, tokenizer, prompts: list[IFEvalPrompt], settings: GenerationSettings) -> list[str]:
-    """One response per prompt: the model's own chat template (Renderer), batched generation (Engine), stop at end of turn."""
-    from instructkit.eval.metrics import generate_chat
-
-    return [
-        o.text
-        for o in generate_chat(
-            model,
-            tokenizer,
-            [[{"role": "user", "content": p.prompt}] for p in prompts],
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            batch_size=settings.batch_size,
-            seed=settings.seed,
-        )
-    ]

@@ -227,3 +227,21 @@ def refusal_eval(model, tokenizer, *, max_new_tokens: int = 64, batch_size: int 
         out["samples"][name] = [{"prompt": r["prompt"], "response": t, "refusal": is_refusal(t)}
                                 for r, t in zip(rows, texts)]
     return out
+
+
+def generate_responses(model, tokenizer, prompts: Sequence[Any], settings: Any) -> list[str]:
+    """One response per IFEval prompt (eval/instruction_following.py): the model's own chat template (Renderer),
+    batched generation (Engine), stop at end of turn. Here, not beside the checkers, so that what imports the
+    checkers (rl/rewards.py) imports no model code."""
+    return [
+        o.text
+        for o in generate_chat(
+            model,
+            tokenizer,
+            [[{"role": "user", "content": p.prompt}] for p in prompts],
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+        )
+    ]

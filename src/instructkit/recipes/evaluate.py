@@ -70,11 +70,12 @@ def read_prompts(path: str) -> list[list[dict[str, str]]]:
 
 def run_ifeval(cfg: EvaluateConfig, model, tokenizer) -> tuple[dict, list, dict]:
     from instructkit.eval import instruction_following as ife
+    from instructkit.eval.metrics import generate_responses
 
     prompts = ife.load_prompts(cfg.ifeval_prompts)
     prompts = prompts[: cfg.ifeval_limit] if cfg.ifeval_limit else prompts
     settings = ife.GenerationSettings(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    responses = ife.generate_responses(model, tokenizer, prompts, settings)
+    responses = generate_responses(model, tokenizer, prompts, settings)
     results = [ife.score_response(p, r) for p, r in zip(prompts, responses)]
     m = ife.ifeval_metrics(results)
     per_instruction = m.pop("per_instruction")
