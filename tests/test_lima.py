@@ -113,3 +113,40 @@ def test_tiny_lima_end_to_end(tmp_path, capsys):
     assert "3 optimizer steps x 2 packed rows x 128 tokens" in report
     assert (out / "arms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "LIMA" in capsys.readouterr().out
+
+
+def test_real_configs_load():
+    from instructkit.config import LimaConfig, SFTConfig, load_config
+
+    lima = load_config(LimaConfig, ROOT / "configs" / "lima.yaml")
+    assert lima.arms == ["curated", "random", "pool"] and lima.n_examples == 1000 and lima.train.max_steps > 0
+    assert lima.model.path == "gemma-3-270m" and lima.ifeval_prompts and lima.decontaminate_pool
+    data = load_config(LimaConfig, ROOT / "configs" / "mixtures" / "assistant_gemma.yaml")
+    assert data.t0_path and data.alpaca_path and data.ifeval_prompts and data.decontaminate_pool
+    sft = load_config(SFTConfig, ROOT / "configs" / "assistant_gemma.yaml")
+    assert sft.model.path == "gemma-3-270m" and sft.lora.enabled
+    # the SFT recipe reads exactly what the documented curate command writes
+    assert [s.path for s in sft.data.sources] == ["runs/data/assistant_gemma.jsonl"]
+    assert "--out runs/data/assistant_gemma.jsonl" in (ROOT / "configs" / "assistant_gemma.yaml").read_text()
+    with pytest.raises(Exception, match="max_steps > 0"):
+        load_config(LimaConfig, TINY, ["train.max_steps=0"])
+
+
+@needs_shared
+def test_curate_command_writes_decontaminated_sft_data(tmp_path, capsys):
+    out = tmp_path / "data" / "mix.jsonl"
+    rc = main(["experiment", "curate", "--config", str(ROOT / "configs" / "mixtures" / "assistant_gemma.yaml"),
+               "--out", str(out), "t0_path=", f"alpaca_path={SHARED / 'lf_alpaca_en_demo.json'}",
+               f"ifeval_prompts={SHARED / 'ifeval_input_data.jsonl'}", "max_per_source=60", "heldout_alpaca=5",
+               "n_examples=20"])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rep = json.loads((tmp_path / "data" / "mix.jsonl.report.json").read_text())
+    assert len(rows) == rep["examples"] == 20 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    assert rep["eval_sets"] == ["heldout", "ifeval", "stop_rate"] and rep["contamination"]["clean"]
+    assert rep["eval_texts"] > 541 + 41  # IFEval, the benign stop-rate prompts and the 41 held-out conversations
+    assert sum(rep["sources"].values()) == 20 and set(rep["sources"]) == {"alpaca", "builtin"}
+    held = [json.loads(line) for line in (tmp_path / "data" / "mix.heldout.jsonl").read_text().splitlines()]
+    assert len(held) == 36 + 5  # builtin:quickstart_heldout + the 5 held-out Alpaca records
+    held_prompts = {h["messages"][0]["content"] for h in held}
+    assert not held_prompts & {r["messages"][0]["content"] for r in rows}

@@ -36,7 +36,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("experiment", help="multi-run experiments: flan-scaling, lima, instructgpt")
+    parser = subparsers.add_parser("experiment", help="multi-run experiments: flan-scaling, lima, curate, instructgpt")
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     p = sub.add_parser("flan-scaling", help="held-out cluster score vs number of instruction-tuning clusters")
     p.add_argument("--config", default=None, help="YAML config (configs/flan_scaling.yaml, configs/tiny_flan_scaling.yaml)")
@@ -46,6 +46,12 @@ def register(subparsers) -> None:
     p.add_argument("--config", default="configs/lima.yaml", help="YAML config (configs/lima.yaml, configs/tiny_lima.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_lima)
+    p = sub.add_parser("curate", help="the LIMA curation alone: decontaminated, curated SFT data (assistant recipe)")
+    p.add_argument("--config", default="configs/mixtures/assistant_gemma.yaml",
+                   help="YAML config with lima's pool and curation keys (configs/mixtures/assistant_gemma.yaml)")
+    p.add_argument("--out", required=True, help="messages JSONL to write (plus <out>.report.json)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=cmd_curate)
     p = sub.add_parser("instructgpt", help="SFT -> reward model -> PPO, then an SFT-vs-PPO report")
     p.add_argument("--config", default="configs/instructgpt.yaml",
                    help="YAML config (configs/instructgpt.yaml, configs/tiny_instructgpt.yaml)")
@@ -71,6 +77,16 @@ def cmd_lima(args) -> int:
     result = run_lima(load_config(LimaConfig, args.config, args.overrides))
     print(Path(result["report"]).read_text(encoding="utf-8"))
     print(f"saved {result['report']}, {result['plot']} and {result['results']}", file=sys.stderr)
+    return 0
+
+
+def cmd_curate(args) -> int:
+    from instructkit.cli.lima import build_curated
+    from instructkit.config import LimaConfig, load_config
+
+    rep = build_curated(load_config(LimaConfig, args.config, args.overrides), args.out)
+    print(json.dumps({k: rep[k] for k in ("out", "examples", "sources", "pool", "decontaminated", "eval_sets")},
+                     indent=1))
     return 0
 
 

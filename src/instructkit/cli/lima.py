@@ -286,3 +286,39 @@ def _plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def build_curated(cfg, out_path: str | Path) -> dict:
+    """`instructkit experiment curate`: the LIMA pipeline's data half alone -- pool, decontamination against every
+    evaluation set, curation to ``n_examples``, the contamination gate -- written as a messages JSONL for
+    `instructkit sft` (configs/assistant_gemma.yaml), with ``<out>.report.json`` (curation counts, sources, gate)."""
+    from instructkit.config import ConfigError
+    from instructkit.data.curation import CurationConfig, curate
+    from instructkit.data.io import write_jsonl
+    from instructkit.eval.contamination import require_clean
+
+    pool, heldout, source_counts = read_pool(cfg)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    heldout_path = out.with_name(out.stem + ".heldout.jsonl")
+    write_jsonl(heldout_path, heldout)
+    eval_convs = eval_conversations(cfg, heldout)
+    removed = 0
+    if cfg.decontaminate_pool:
+        pool, removed = decontaminate(pool, eval_convs, cfg.contamination_ngram)
+    if len(pool) < cfg.n_examples:
+        raise ConfigError(f"the pool has {len(pool)} examples, fewer than n_examples={cfg.n_examples}")
+    picked, curation = curate(pool, cfg.n_examples, CurationConfig(
+        min_response_words=cfg.min_response_words, near_threshold=cfg.near_threshold, seed=cfg.data.seed))
+    gate = require_clean(picked, eval_convs, cfg.contamination_ngram, str(out))
+    random.Random(f"curate/{cfg.data.seed}").shuffle(picked)
+    write_jsonl(out, picked)
+    sources: dict[str, int] = {}
+    for c in picked:
+        sources[c.meta.get("source", "?")] = sources.get(c.meta.get("source", "?"), 0) + 1
+    report = {"out": str(out), "heldout": str(heldout_path), "examples": len(picked), "sources": sources,
+              "pool": len(pool), "pool_sources": source_counts, "decontaminated": removed,
+              "eval_sets": sorted({c.meta["task"] for c in eval_convs}), "eval_texts": len(eval_convs),
+              "contamination": gate, "curation": curation}
+    Path(str(out) + ".report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return report

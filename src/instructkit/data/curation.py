@@ -3,7 +3,8 @@
 ``curate(pool, n, config, eval_texts)`` applies, in order:
 
 1. **quality filters** (data/quality.py): empty / too-short responses (``min_response_words``), responses that repeat
-   the prompt, length outliers, and any example sharing a 13-gram with an evaluation text (contamination);
+   the prompt, length outliers (off by default, see ``CurationConfig.outlier_z``), and any example sharing a 13-gram
+   with an evaluation text passed as ``eval_texts`` (contamination);
 2. **dedup** (data/dedup.py): exact, then MinHash near-duplicates (word 3-gram Jaccard >= ``near_threshold``);
 3. **diversity selection**, documented here because it is the choice that makes the set "curated":
    - *stratification*: the pool is split into strata by ``meta[stratum_key]`` (the experiment sets it to the source:
@@ -36,8 +37,10 @@ from instructkit.data.schema import Conversation
 class CurationConfig:
     min_response_words: int = 3
     """Responses with fewer words are removed (LIMA keeps complete answers, not labels)."""
-    outlier_z: float | None = 3.5
-    """Robust length-outlier filter (data/quality.py); None: off."""
+    outlier_z: float | None = None
+    """Robust length-outlier filter (data/quality.py); None (default): off, because on a mixed pool the median
+    length is the majority source's (T0's short answers) and the filter would remove most long-form answers
+    (Alpaca's), the opposite of what LIMA keeps."""
     near_threshold: float = 0.8
     """Near-duplicate Jaccard threshold (data/dedup.py)."""
     stratum_key: str = "source"
