@@ -123,6 +123,7 @@ def test_real_configs_load():
     assert lima.model.path == "gemma-3-270m" and lima.ifeval_prompts and lima.decontaminate_pool
     data = load_config(LimaConfig, ROOT / "configs" / "mixtures" / "assistant_gemma.yaml")
     assert data.t0_path and data.alpaca_path and data.ifeval_prompts and data.decontaminate_pool
+    assert data.t0_strata == "source" and data.n_examples == 600
     sft = load_config(SFTConfig, ROOT / "configs" / "assistant_gemma.yaml")
     assert sft.model.path == "gemma-3-270m" and sft.lora.enabled
     # the SFT recipe reads exactly what the documented curate command writes

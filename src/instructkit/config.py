@@ -974,6 +974,9 @@ class LimaConfig:
     arms: list[str] = field(default_factory=lambda: ["curated", "random", "pool"])
     seeds: list[int] = field(default_factory=lambda: [0])
     """Each arm is trained once per seed (random draw, data order, init of the adapter)."""
+    t0_strata: str = "cluster"
+    """Curation strata of T0 examples: "cluster" (one stratum per T0 cluster, so T0 gets 8 of the equal shares) or
+    "source" (T0 is one stratum, like alpaca and builtin: an assistant-leaning mixture)."""
     min_response_words: int = 3
     """Curation: responses with fewer words are removed."""
     near_threshold: float = 0.8
@@ -1004,6 +1007,8 @@ class LimaConfig:
             raise ConfigError("lima needs train.pack: true, so every step holds the same rows x pack_length tokens")
         if self.n_examples < 1 or not self.seeds:
             raise ConfigError("n_examples must be >= 1 and seeds non-empty")
+        if self.t0_strata not in ("cluster", "source"):
+            raise ConfigError(f"t0_strata must be cluster or source, got {self.t0_strata!r}")
         if not (self.t0_path or self.alpaca_path or self.builtin_sources):
             raise ConfigError("the pool is empty: set t0_path, alpaca_path or builtin_sources")
 

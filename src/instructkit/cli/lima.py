@@ -59,7 +59,8 @@ def read_pool(cfg) -> tuple[list, list, dict]:
         t0 = cap(load_t0(cfg.t0_path).records)
         for r in t0:
             c = to_conversation(r)
-            pool.append(dataclasses.replace(c, meta={**c.meta, "source": f"t0/{r.cluster}"}))
+            pool.append(dataclasses.replace(c, meta={**c.meta, "source": f"t0/{r.cluster}" if cfg.t0_strata == "cluster"
+                                                                 else "t0"}))
         counts["t0"] = len(t0)
     heldout = list(read(cfg.heldout_data)) if cfg.heldout_data else []
     if cfg.alpaca_path:
