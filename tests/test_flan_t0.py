@@ -109,3 +109,14 @@ def test_tiny_flan_scaling_t0_end_to_end(tmp_path, capsys):
     for row in ("| base | 0 |", "| clusters | 1 | all |", "| clusters | 6 | all |", "| templates | 6 | 1 |"):
         assert row in report
     assert "held-out score" in capsys.readouterr().out
+
+
+def test_real_t0_config_loads():
+    from instructkit.config import FlanScalingConfig, load_config
+
+    cfg = load_config(FlanScalingConfig, ROOT / "configs" / "flan_scaling_t0.yaml")
+    assert cfg.model.path == "gemma-3-270m" and cfg.t0.path.endswith("t0_train_per_template.jsonl.gz")
+    assert cfg.heldout_clusters == ["sentiment"] and cfg.cluster_counts == [1, 2, 4, 0] and cfg.t0.template_arm
+    assert cfg.contamination_ngram == 13 and cfg.lora.enabled
+    with pytest.raises(Exception, match="eval_templates"):
+        load_config(FlanScalingConfig, TINY, ["t0.eval_templates=some"])
