@@ -90,7 +90,7 @@ def test_tiny_flan_scaling_t0_end_to_end(tmp_path, capsys):
         ("base", 0, "-"), ("clusters", 1, "all"), ("clusters", 6, "all"), ("templates", 6, 1)]
     for r in runs[1:]:
         # equal compute: every arm trains on the same number of examples for the same steps
-        assert r["examples"] == 12 and r["steps"] == 2 and r["contamination"]["clean"]
+        assert r["examples"] == r["trained_examples"] == 12 and r["steps"] == 2 and r["contamination"]["clean"]
         assert not set(r["train_clusters"]) & set(res["heldout_clusters"])
         name = f"clusters_{r['clusters']}" + ("_1tpl" if r["templates"] == 1 else "") + "_seed0"
         train = read_conversations(out / name / "train.jsonl")

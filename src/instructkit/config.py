@@ -882,6 +882,9 @@ class T0SourceConfig:
     """"all" templates of each held-out dataset (template spread reported) or "first"."""
     max_options: int = 10
     """A template whose observed answers number 2..max_options is scored by rank classification over them."""
+    max_prompt_chars: int = 0
+    """Training prompts longer than this keep their first 40% and last 60% around " [...] " (0: as they are), so
+    data.max_length truncation does not cut the answer and drop the example; held-out prompts are never shortened."""
     rouge_clusters: list[str] = field(default_factory=lambda: ["summarization", "structure_to_text"])
     """Generative held-out clusters scored by ROUGE-L (others: exact match)."""
 
@@ -974,6 +977,8 @@ class LimaConfig:
     arms: list[str] = field(default_factory=lambda: ["curated", "random", "pool"])
     seeds: list[int] = field(default_factory=lambda: [0])
     """Each arm is trained once per seed (random draw, data order, init of the adapter)."""
+    t0_max_prompt_chars: int = 0
+    """T0 prompts longer than this are shortened for training (eval/t0.shorten; 0: as they are)."""
     t0_strata: str = "cluster"
     """Curation strata of T0 examples: "cluster" (one stratum per T0 cluster, so T0 gets 8 of the equal shares) or
     "source" (T0 is one stratum, like alpaca and builtin: an assistant-leaning mixture)."""

@@ -341,7 +341,7 @@ def run_flan_scaling_t0(cfg) -> dict:
             for arm, k, clusters, tpd in jobs:
                 name = f"clusters_{k}" + ("_1tpl" if tpd else "") + f"_seed{seed}"
                 mixture = training_mixture(data, clusters, cfg.t0.total, seed, templates_per_dataset=tpd)
-                convs = [to_conversation(r) for r in mixture]
+                convs = [to_conversation(r, max_prompt_chars=cfg.t0.max_prompt_chars) for r in mixture]
                 mixtures[name] = (arm, k, clusters, tpd, seed, mixture, convs,
                                   require_clean(convs, eval_convs, cfg.contamination_ngram, f"{out.name}/{name}"))
 
@@ -357,6 +357,7 @@ def run_flan_scaling_t0(cfg) -> dict:
                 counts[f"{r.dataset}/{r.template}"] = counts.get(f"{r.dataset}/{r.template}", 0) + 1
             (run_dir / "mixture.json").write_text(json.dumps({
                 "clusters": clusters, "examples": len(mixture), "templates_per_dataset": tpd or "all",
+                "shortened_prompts": sum(len(r.prompt.strip()) > cfg.t0.max_prompt_chars > 0 for r in mixture),
                 "datasets": sorted({r.dataset for r in mixture}), "counts": counts,
                 "contamination": contamination}, indent=1), encoding="utf-8")
             sft_cfg = SFTConfig(
@@ -368,6 +369,7 @@ def run_flan_scaling_t0(cfg) -> dict:
             title = f"LoRA SFT on {k} clusters, {'1 template' if tpd else 'all templates'}, seed {seed}"
             runs.append({"arm": arm, "clusters": k, "train_clusters": clusters, "templates": 1 if tpd else "all",
                          "seed": seed, "examples": len(mixture), "datasets": len({r.dataset for r in mixture}),
+                         "trained_examples": summary.get("train_examples"),
                          "steps": summary.get("steps"), "first_loss": summary.get("first_loss"),
                          "last_loss": summary.get("last_loss"), "contamination": contamination,
                          "eval": evaluate(summary["final"], run_dir, title)})
@@ -436,13 +438,15 @@ def _write_t0_outputs(results: dict, cfg, out: Path) -> None:
         lines.append(f"| {s['arm']} | {s['clusters']} | {s['templates']} | {s['runs']} | {s['mean']:.3f} | "
                      f"{s['seed_std']:.3f} | {s['template_spread']:.3f} | "
                      + " | ".join(f"{s['per_cluster'][c]:.3f}" for c in held) + " |")
-    lines += ["", "Every run:", "", "| run | clusters | steps | first loss | last loss | held-out score |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Every run (examples: drawn / kept by SFT after max_length):", "",
+              "| run | clusters | examples | steps | first loss | last loss | held-out score |",
+              "|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         name = "base" if r["arm"] == "base" else f"{r['arm']} k={r['clusters']} tpl={r['templates']} seed={r['seed']}"
         fl = f"{r['first_loss']:.3f}" if r.get("first_loss") is not None else "-"
         ll = f"{r['last_loss']:.3f}" if r.get("last_loss") is not None else "-"
-        lines.append(f"| {name} | {', '.join(r['train_clusters']) or '-'} | {r.get('steps', '-')} | {fl} | {ll} | "
+        ex = f"{r['examples']} / {r['trained_examples']}" if r["arm"] != "base" else "-"
+        lines.append(f"| {name} | {', '.join(r['train_clusters']) or '-'} | {ex} | {r.get('steps', '-')} | {fl} | {ll} | "
                      f"{r['eval']['overall']:.3f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -58,7 +58,7 @@ def read_pool(cfg) -> tuple[list, list, dict]:
     if cfg.t0_path:
         t0 = cap(load_t0(cfg.t0_path).records)
         for r in t0:
-            c = to_conversation(r)
+            c = to_conversation(r, max_prompt_chars=cfg.t0_max_prompt_chars)
             pool.append(dataclasses.replace(c, meta={**c.meta, "source": f"t0/{r.cluster}" if cfg.t0_strata == "cluster"
                                                                  else "t0"}))
         counts["t0"] = len(t0)
@@ -208,6 +208,7 @@ def run_lima(cfg) -> dict:
             model_path = str(merged)
         tokens = int(summary.get("counters", {}).get("tokens", 0))
         runs.append({"arm": arm, "seed": seed, "examples": len(data), "sources": sources,
+                     "trained_examples": summary.get("train_examples"),
                      "steps": summary.get("steps"), "tokens": tokens,
                      "tokens_per_step": tokens / summary["steps"] if summary.get("steps") else 0.0,
                      "capacity_per_step": capacity, "first_loss": summary.get("first_loss"),

@@ -115,8 +115,20 @@ def load_t0(path: str | Path, clusters: Sequence[str] | None = None) -> T0Data:
     return T0Data(str(p), records, dict(empty))
 
 
-def to_conversation(r: T0Record, with_response: bool = True) -> Conversation:
-    msgs = [Message("user", r.prompt.strip())]
+def shorten(text: str, max_chars: int) -> str:
+    """``text`` if it fits in ``max_chars`` (0: no limit), else its first 40% and last 60% joined by " [...] ": T0
+    prompts put the passage first and the instruction (and the answer options) last, so both ends are kept and the
+    middle of the passage goes."""
+    if max_chars <= 0 or len(text) <= max_chars:
+        return text
+    head = int(max_chars * 0.4)
+    return text[:head].rstrip() + " [...] " + text[len(text) - (max_chars - head):].lstrip()
+
+
+def to_conversation(r: T0Record, with_response: bool = True, max_prompt_chars: int = 0) -> Conversation:
+    """A T0 record as a conversation; ``max_prompt_chars`` shortens long prompts for TRAINING (so a length-capped SFT
+    keeps the answer instead of dropping the example), see ``shorten``."""
+    msgs = [Message("user", shorten(r.prompt.strip(), max_prompt_chars))]
     if with_response:
         msgs.append(Message("assistant", r.completion.strip()))
     return Conversation(msgs, meta={"task": r.dataset, "cluster": r.cluster, "template": r.template,
