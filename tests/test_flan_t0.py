@@ -117,6 +117,6 @@ def test_real_t0_config_loads():
     cfg = load_config(FlanScalingConfig, ROOT / "configs" / "flan_scaling_t0.yaml")
     assert cfg.model.path == "gemma-3-270m" and cfg.t0.path.endswith("t0_train_per_template.jsonl.gz")
     assert cfg.heldout_clusters == ["sentiment"] and cfg.cluster_counts == [1, 2, 4, 0] and cfg.t0.template_arm
-    assert cfg.contamination_ngram == 13 and cfg.lora.enabled
+    assert cfg.contamination_ngram == 13 and cfg.lora.enabled and cfg.t0.template_arm_clusters == 2
     with pytest.raises(Exception, match="eval_templates"):
         load_config(FlanScalingConfig, TINY, ["t0.eval_templates=some"])

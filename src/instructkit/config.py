@@ -873,7 +873,11 @@ class T0SourceConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     """Each training run is repeated per seed (mixture draw and training seed); the report gives the spread."""
     template_arm: bool = True
-    """Also train on all remaining clusters with ONE template per dataset, against all templates at equal examples."""
+    """Also train with ONE template per dataset, against all templates at equal examples (on the first
+    template_arm_clusters clusters of the order)."""
+    template_arm_clusters: int = 0
+    """Clusters of the template arm (0: all remaining). The contrast needs several examples per dataset: with
+    `total` near the number of datasets both arms see about one example per dataset, so use fewer clusters."""
     heldout_in_turn: bool = False
     """Hold out each of heldout_clusters in turn (one sub-experiment each) instead of all of them together."""
     eval_examples_per_dataset: int = 8

@@ -314,7 +314,8 @@ def run_flan_scaling_t0(cfg) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         gcfg = dataclasses.replace(cfg, heldout_clusters=group)
         plan = cluster_plan(gcfg, data.clusters())
-        all_remaining = cluster_plan(dataclasses.replace(gcfg, cluster_counts=[0]), data.clusters())[0]
+        all_remaining = cluster_plan(dataclasses.replace(gcfg, cluster_counts=[cfg.t0.template_arm_clusters]),
+                                     data.clusters())[0]
         items = heldout_items(data, group, cfg.t0.eval_examples_per_dataset, cfg.t0.eval_templates)
         eval_convs = [to_conversation(r) for r in items]
 
