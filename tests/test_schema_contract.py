@@ -6,6 +6,7 @@ OpenAI chat-completions reader keeps every field that changes training and refus
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -213,3 +214,27 @@ def test_openai_reader_refuses_naming_file_line_and_key(tmp_path, row, error):
     with pytest.raises(DataError) as e:
         io.read_conversations(p)
     assert str(e.value) == f"{p}:2: {error}"
+
+
+def test_preference_and_unpaired_examples_render_their_tools_into_the_prompt():
+    """DPO, RM, ORPO, SimPO (encode_pairs) and KTO (encode_response) give the template the example's tools, as SFT
+    does: a model is never trained to call tools it was not shown."""
+    from instructkit.chat.render import Renderer
+    from instructkit.chat.standin import standin_tokenizer
+    from instructkit.data.preference import encode_pairs, encode_response
+    from instructkit.data.schema import Message, PreferencePair
+
+    tok = standin_tokenizer("qwen3")
+    tok.chat_template = (Path(__file__).parent / "fixtures" / "official_templates" / "qwen3_trl.jinja").read_text()
+    renderer = Renderer(tok, "auto")
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    prompt = [Message("user", "Weather in Oslo?")]
+    pair = PreferencePair(prompt, [Message("assistant", "Let me check.")], [Message("assistant", "No idea.")],
+                          tools=tools)
+    (enc,), dropped = encode_pairs(renderer, [pair])
+    assert "get_weather" in tok.decode(enc.prompt) and dropped == {"too_long": 0, "identical": 0}
+    without = encode_response(renderer, prompt, pair.chosen)
+    with_tools = encode_response(renderer, prompt, pair.chosen, tools=tools)
+    assert "get_weather" not in tok.decode(without[0]) and with_tools[0] == enc.prompt
+    assert with_tools[1] == without[1]  # the response itself is the same tokens

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from instructkit.data.schema import DataError
+from instructkit.data.schema import Conversation, DataError
 
 
 @dataclass
@@ -22,17 +22,19 @@ class EncodedPair:
     margin: float = 0.0
 
 
-def encode_response(renderer, prompt_messages, response_messages, max_length: int | None = None
-                    ) -> tuple[list[int], list[int]] | None:
+def encode_response(renderer, prompt_messages, response_messages, max_length: int | None = None,
+                    tools: list[dict] | None = None) -> tuple[list[int], list[int]] | None:
     """(prompt ids, response ids) of ``prompt + response`` rendered with the chat template.
 
     The prompt is ``renderer.render_prompt`` (what generation continues from); the response is the rest of the full
     render up to its last supervised token (the end-of-turn token: template glue after it is not the model's to
     predict). The two renders must agree on the prompt (training render == generation render), else DataError.
     Longer than ``max_length``: the response is cut to fit; None if the prompt alone does not leave a response token.
+    ``tools``: the example's function definitions, rendered into the prompt by the template (as for SFT).
     """
-    prompt_ids = list(renderer.render_prompt(prompt_messages))
-    full = renderer.render(list(prompt_messages) + list(response_messages), mask="all_assistant")
+    prompt_ids = list(renderer.render_prompt(prompt_messages, tools=tools))
+    full = renderer.render(Conversation(list(prompt_messages) + list(response_messages), tools=tools),
+                           mask="all_assistant")
     n = len(prompt_ids)
     if full.input_ids[:n] != prompt_ids:
         raise DataError("the chat template renders the prompt differently with and without the response")
@@ -64,8 +66,8 @@ def encode_pairs(renderer, pairs, max_length: int | None = None) -> tuple[list[E
     out: list[EncodedPair] = []
     dropped = {"too_long": 0, "identical": 0}
     for pair in pairs:
-        c = encode_response(renderer, pair.prompt, pair.chosen, max_length)
-        r = encode_response(renderer, pair.prompt, pair.rejected, max_length)
+        c = encode_response(renderer, pair.prompt, pair.chosen, max_length, pair.tools)
+        r = encode_response(renderer, pair.prompt, pair.rejected, max_length, pair.tools)
         if not _usable(c, r, dropped):
             continue
         out.append(EncodedPair(c[0], c[1], r[1], float(pair.margin or 0.0)))
@@ -110,7 +112,7 @@ def encode_groups(renderer, groups, max_length: int | None = None) -> tuple[list
         def enc(pair, side):
             key = tuple(side)
             if key not in cache:
-                cache[key] = encode_response(renderer, pair.prompt, side, max_length)
+                cache[key] = encode_response(renderer, pair.prompt, side, max_length, pair.tools)
             return cache[key]
 
         prompt_ids: list[int] | None = None

@@ -77,8 +77,8 @@ def encode_examples(renderer, examples: list, max_length: int, seed: int) -> tup
     each kept example the completion of another one (a seeded cyclic shift over a shuffled order)."""
     items: list[EncodedExample] = []
     dropped = {"too_long": 0}
-    for prompt, completion, label, _tools in examples:
-        enc = encode_response(renderer, prompt, completion, max_length)
+    for prompt, completion, label, tools in examples:
+        enc = encode_response(renderer, prompt, completion, max_length, tools)
         if enc is None:
             dropped["too_long"] += 1
             continue
