@@ -169,6 +169,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
         data = loaded or {}
+        resolve_source_paths(data, p.parent)
     apply_overrides(data, overrides or [])
     try:
         return from_dict(cls, data)
@@ -179,6 +180,22 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         raise UnknownKeyError(f"{where}: {e}", e.keys) from None
     except TypeError as e:  # a dataclass without a default for a required field
         raise ConfigError(str(e)) from e
+
+
+def resolve_source_paths(data: Any, base: Path) -> None:
+    """Data paths written in a config file resolve against the file's folder, not the current one: the ``path`` of
+    every entry of a list of data sources (``data.sources``, ``data.validation``, ``ptx_data``, a pipeline stage's
+    sources...) that is relative and has no scheme (``builtin:``, ``hf:``). Paths given as command-line overrides keep
+    resolving against the current folder. In place."""
+    if isinstance(data, dict):
+        for v in data.values():
+            resolve_source_paths(v, base)
+    elif isinstance(data, list):
+        for item in data:
+            path = item.get("path") if isinstance(item, dict) else None
+            if isinstance(path, str) and path and ":" not in path and not Path(path).expanduser().is_absolute():
+                item["path"] = str((base / path).resolve())
+            resolve_source_paths(item, base)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -289,6 +306,10 @@ class DataConfig:
     """With skip_invalid: fail if more than this fraction of the records is rejected."""
     rejects_path: str | None = None
     """Where rejected records go (default: <run dir>/rejects.jsonl)."""
+    max_dropped_fraction: float = 1.0
+    """Stop the run before its first step if more than this fraction of the training examples is dropped (too long,
+    nothing supervised left, identical chosen and rejected...). The counts are printed before the first step either
+    way; 1.0 never stops, 0.1 stops a run that would silently train on 90% of its data or less."""
     dedup: bool = False
     """Remove exact duplicates before training."""
     seed: int = 0

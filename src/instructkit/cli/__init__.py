@@ -46,9 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """The console carries instructkit's own lines, not library noise: transformers' and the Hub's progress bars and
+    advisory warnings, and FutureWarnings/DeprecationWarnings raised inside torch, transformers, peft or accelerate
+    (set TRANSFORMERS_VERBOSITY=info or PYTHONWARNINGS to see them again)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.environ.get("PYTHONWARNINGS"):
+        for lib in ("torch", "transformers", "peft", "accelerate", "huggingface_hub"):
+            warnings.filterwarnings("ignore", category=FutureWarning, module=lib)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=lib)
+    if "transformers" in sys.modules:  # already imported (tests, notebooks): set it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     from instructkit.config import ConfigError
     from instructkit.data.schema import DataError
+
+    quiet_libraries()
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -127,6 +127,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     # -- encode
     train_items, dropped = encode_pairs(renderer, train_pairs, cfg.data.max_length)
     val_items, val_dropped = encode_pairs(renderer, val_pairs, cfg.data.max_length)
+    run.check_data(read=read_stats, examples=len(train_pairs), kept=len(train_items), dropped=dropped, unit="pairs")
     if not train_items:
         raise DataError(f"no usable training pairs (dropped: {dropped})")
     if run.is_main:

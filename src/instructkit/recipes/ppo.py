@@ -89,21 +89,22 @@ def _no_dropout(module: nn.Module) -> None:
             m.p = 0.0
 
 
-def load_prompts(cfg: PPOConfig, renderer, run_dir: Path) -> tuple[list[list[int]], list[list[dict]], dict]:
-    """Prompt token ids (and messages) from conversations or pairs; prompts over data.max_length are skipped."""
-    examples, stats = read_sources(cfg.data, cfg.data.sources, run_dir)
-    ids, msgs, too_long = [], [], 0
+def encode_prompts(examples: list, renderer, cfg: PPOConfig) -> tuple[list[list[int]], list[list[dict]], dict]:
+    """Prompt token ids (and messages) of conversations or pairs, and what was dropped by reason (no prompt,
+    longer than data.max_length)."""
+    ids, msgs, dropped = [], [], {"too_long": 0, "no_prompt": 0}
     for ex in examples:
         m = prompt_messages_of(ex)
         if not m:
+            dropped["no_prompt"] += 1
             continue
         p = renderer.render_prompt(m)
         if len(p) > cfg.data.max_length:
-            too_long += 1
+            dropped["too_long"] += 1
             continue
         ids.append(p)
         msgs.append([{"role": x.role, "content": x.content} for x in m])
-    return ids, msgs, {"read": stats, "prompts": len(ids), "skipped_too_long": too_long}
+    return ids, msgs, dropped
 
 
 def load_ptx(cfg: PPOConfig, renderer, run_dir: Path) -> list:
@@ -156,6 +157,9 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     B, W = cfg.rollout_batch_size, dist.world_size
     lo, hi = dist.rank * B // W, (dist.rank + 1) * B // W  # this rank's rows of every rollout batch
 
+    # -- data (read and checked before the models are loaded)
+    examples, read_stats = read_sources(cfg.data, cfg.data.sources, run_dir)
+
     # -- models
     ac, reference, tok, rm, (rm_mean, rm_std) = build_models(cfg, run)
     _no_dropout(ac)
@@ -166,8 +170,10 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     reward_fn = load_reward_function(cfg.reward_function) if cfg.reward_function else None
     engine = Engine(policy, tok, max_batch_size=cfg.rollout_batch_size)
 
-    # -- data
-    prompt_ids, prompt_msgs, data_stats = load_prompts(cfg, renderer, run_dir)
+    # -- prompts
+    prompt_ids, prompt_msgs, dropped = encode_prompts(examples, renderer, cfg)
+    run.check_data(read=read_stats, examples=len(examples), kept=len(prompt_ids), dropped=dropped, unit="prompts")
+    data_stats = {"read": read_stats, "prompts": len(prompt_ids), "dropped": dropped}
     n_prompts = B // cfg.samples_per_prompt
     if len(prompt_ids) < n_prompts:
         from instructkit.data.schema import DataError

@@ -234,9 +234,11 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
     if not cfg.use_margin:
         for it in train_items:
             it.margins = [0.0] * len(it.margins)
+    n_train_pairs = sum(len(g.pairs) for g in train_items)
+    run.check_data(read=read_stats, examples=sum(len(g) for g in train_groups), kept=n_train_pairs, dropped=dropped,
+                   unit="pairs")
     if not train_items:
         raise DataError(f"no usable training pairs (dropped: {dropped})")
-    n_train_pairs = sum(len(g.pairs) for g in train_items)
     if run.is_main:
         (run_dir / "data_stats.json").write_text(json.dumps(
             {"read": read_stats, "train_pairs": n_train_pairs, "validation_pairs": sum(len(g.pairs) for g in val_items),

@@ -30,7 +30,18 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------------------------
-def _read_source(src, cfg: SFTConfig, run_dir: Path) -> list:
+def _read_source(src, cfg: SFTConfig, run_dir: Path, stats: dict | None = None) -> list:
+    """The conversations of one data source; what the read saw goes to ``stats[src.path]``."""
+    from instructkit.data.io import ReadStats
+
+    st = ReadStats()
+    out = _read(src, cfg, run_dir, st)
+    if stats is not None:
+        stats[src.path] = st.to_dict() if st.total else {"total": len(out), "kept": len(out), "rejected": 0}
+    return out
+
+
+def _read(src, cfg: SFTConfig, run_dir: Path, st) -> list:
     if src.path.startswith("builtin:"):
         try:
             from instructkit.data.builtin import load_builtin
@@ -43,14 +54,16 @@ def _read_source(src, cfg: SFTConfig, run_dir: Path) -> list:
     return read_conversations(src.path, src.format, skip_invalid=cfg.data.skip_invalid,
                               rejects_path=cfg.data.rejects_path or (run_dir / "rejects.jsonl"),
                               max_invalid_fraction=cfg.data.max_invalid_fraction, max_examples=src.max_examples,
-                              tool_call_format=cfg.data.tool_call_format, split_think=cfg.data.split_think)
+                              tool_call_format=cfg.data.tool_call_format, split_think=cfg.data.split_think,
+                              stats=st)
 
 
-def load_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, list]:
-    """(train, validation) conversations. Without validation sources, a seeded ``validation_fraction`` is held out."""
+def load_conversations(cfg: SFTConfig, run_dir: Path, stats: dict | None = None) -> tuple[list, list]:
+    """(train, validation) conversations. Without validation sources, a seeded ``validation_fraction`` is held out.
+    ``stats``: read stats by training source."""
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: give at least one training data source")
-    train = [c for src in cfg.data.sources for c in _read_source(src, cfg, run_dir)]
+    train = [c for src in cfg.data.sources for c in _read_source(src, cfg, run_dir, stats)]
     val = [c for src in cfg.data.validation for c in _read_source(src, cfg, run_dir)]
     if not cfg.data.validation and cfg.data.validation_fraction > 0 and len(train) > 1:
         order = list(range(len(train)))
@@ -131,7 +144,8 @@ def main(cfg: SFTConfig) -> dict:
     precision, run_dir = run.precision, run.run_dir
 
     # -- data (read and checked before the model is loaded) -------------------------------------------------------------
-    train_convs, val_convs = load_conversations(cfg, run_dir)
+    read_stats: dict = {}
+    train_convs, val_convs = load_conversations(cfg, run_dir, read_stats)
 
     # -- model (before rendering: the template may add tokens) ---------------------------------------------------------
     log_precision(precision)
@@ -149,6 +163,8 @@ def main(cfg: SFTConfig) -> dict:
     # -- render and pack ------------------------------------------------------------------------------------------------
     train_samples, train_stats = prepare_samples(render_samples(train_convs, tokenizer, cfg), cfg.data.max_length)
     val_samples, val_stats = prepare_samples(render_samples(val_convs, tokenizer, cfg), cfg.data.max_length)
+    run.check_data(read=read_stats, examples=train_stats.total, kept=train_stats.kept,
+                   truncated=train_stats.truncated, dropped=dict(train_stats.dropped))
     if not train_samples:
         raise ConfigError(f"no training example has a supervised token left: {train_stats.as_dict()}")
     if run.is_main:

@@ -19,6 +19,7 @@ changed field that changes the run, with both values.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ import torch
 from instructkit.config import ConfigError
 
 LATEST = "latest"
+log = logging.getLogger(__name__)
 
 # Config fields that may change between a run and its resume: they do not change what is computed.
 RESUME_SAFE_FIELDS = frozenset({
@@ -42,6 +44,11 @@ RESUME_SAFE_FIELDS = frozenset({
 
 class CheckpointError(ConfigError):
     """A checkpoint is missing, incomplete, unsafe, or does not match the current run."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint's files cannot be read back (truncated, corrupt or missing): ``resume: auto`` falls back to the
+    newest checkpoint that can."""
 
 
 def _fsync_file(path: Path) -> None:
@@ -197,6 +204,12 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return path
 
 
+def complete_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Every complete ``step-N`` checkpoint under ``ckpt_root``, newest first."""
+    steps = [p for p in Path(ckpt_root).glob("step-*") if (p / "COMPLETE").exists() and p.name[5:].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[5:]), reverse=True)
+
+
 def find_resume(ckpt_root: str | Path, resume: str) -> Path | None:
     """``resume``: "auto" (latest if any), "never", or a checkpoint folder (must exist)."""
     if resume == "never":
@@ -249,18 +262,21 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, schedul
         raise CheckpointError(f"not a complete checkpoint: {p}")
     if config is not None:
         check_drift(json.loads((p / "config.json").read_text()), json.loads(json.dumps(config, default=str)))
-    state = json.loads((p / "state.json").read_text())
-    opt_state = safe_torch_load(p / "optimizer.pt")
-    sched_state = safe_torch_load(p / "scheduler.pt")
-    rng_file = p / f"rng_rank{rank}.pt"
-    if not rng_file.exists():
+    try:  # every file read before anything is applied: a truncated file leaves the model as it was
+        state = json.loads((p / "state.json").read_text())
+        opt_state = safe_torch_load(p / "optimizer.pt")
+        sched_state = safe_torch_load(p / "scheduler.pt")
+        weights = load_file(str(p / "trainable.safetensors"))
+        rng_t = safe_torch_load(p / f"rng_rank{rank}.pt") if (p / f"rng_rank{rank}.pt").exists() else None
+        rng_j = json.loads((p / f"rng_rank{rank}.json").read_text()) if rng_t is not None else None
+    except Exception as e:  # SafetensorError, a truncated pickle or JSON, a missing file
+        raise UnreadableCheckpoint(f"{p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if rng_t is None:
         raise CheckpointError(f"{p} has no RNG state for rank {rank} (saved with world size {state.get('world_size')})")
-    rng_t = safe_torch_load(rng_file)
-    rng_j = json.loads((p / f"rng_rank{rank}.json").read_text())
     if load_state is not None:
-        load_state(load_file(str(p / "trainable.safetensors")), opt_state)
+        load_state(weights, opt_state)
     else:
-        load_trainable_state_dict(model, load_file(str(p / "trainable.safetensors")))
+        load_trainable_state_dict(model, weights)
         optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(sched_state)
     set_rng_state(rng_t, rng_j)
@@ -279,7 +295,20 @@ def resume_run(ckpt_root: str | Path, resume: str, model: torch.nn.Module, optim
     path = find_resume(ckpt_root, resume)
     if path is None:
         return None, {}
-    state = load_checkpoint(path, model, optimizer, scheduler, rank=rank, config=config, load_state=load_state)
+    candidates = [path]
+    if resume in ("auto", "", None):  # the latest first, then older complete ones, newest first
+        candidates += [c for c in complete_checkpoints(ckpt_root) if c != path]
+    for i, path in enumerate(candidates):
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler, rank=rank, config=config,
+                                    load_state=load_state)
+            break
+        except UnreadableCheckpoint as e:
+            if i + 1 == len(candidates):
+                raise CheckpointError(f"no checkpoint under {ckpt_root} can be read back; the newest failed with "
+                                      f"{e} (start a new run with train.resume=never)") from e
+            log.warning("skipped checkpoint %s: it cannot be read back (%s); trying %s", path.name, e,
+                        candidates[i + 1].name)
     if check is not None:
         check(path, state)
     logger.truncate_after(int(state["step"]))

@@ -376,11 +376,53 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+class LineProgress:
+    """The progress bar of a console that is not a terminal (a log file, a pipe): plain lines, no carriage returns,
+    about ten over a run (``step N/T loss=... tokens/s=... eta M:SS``)."""
+
+    def __init__(self, total: int, initial: int, stream=None):
+        import sys
+
+        self.total, self.n, self.start_n = total, initial, initial
+        self.every = max(1, total // 10)
+        self.postfix: dict[str, Any] = {}
+        self.stream = stream or sys.stderr
+        self.t0 = time.perf_counter()
+
+    def set_postfix(self, postfix: dict[str, Any] | None = None, refresh: bool = True, **kw: Any) -> None:
+        self.postfix = {**(postfix or {}), **kw}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            done = self.n - self.start_n
+            rate = (time.perf_counter() - self.t0) / max(done, 1)
+            eta = int(rate * (self.total - self.n))
+            post = " ".join(f"{k}={v}" for k, v in self.postfix.items())
+            print(f"step {self.n}/{self.total} {post} eta {eta // 60}:{eta % 60:02d}".replace("  ", " "),
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _NoProgress(LineProgress):
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+
 def progress_bar(total: int, initial: int, enabled: bool):
-    """A tqdm bar (loss, tokens/s; tqdm shows the ETA), silent on non-main ranks."""
+    """A tqdm bar (loss, throughput; tqdm shows the ETA) on a terminal, plain lines otherwise (no carriage returns
+    in log files), silent on non-main ranks."""
+    import sys
+
+    if not enabled:
+        return _NoProgress(total, initial)
+    if not sys.stderr.isatty():
+        return LineProgress(total, initial)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
 @dataclass

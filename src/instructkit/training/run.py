@@ -136,6 +136,38 @@ class Run:
         torch.manual_seed(self.train.seed)
         return model_cfg
 
+    def check_data(self, *, read: dict[str, Any], examples: int, kept: int, dropped: dict[str, int],
+                   truncated: int = 0, unit: str = "examples") -> dict[str, Any]:
+        """Print what the run will train on before its first step (main process, on stderr): records read and
+        rejected (``read``: read_sources' stats by source), training ``unit`` before encoding, kept, truncated, dropped
+        by reason; then stop (DataError) if the dropped fraction is above ``data.max_dropped_fraction``. Returns the
+        numbers (they also go to summary.json)."""
+        import sys
+
+        from instructkit.data.schema import DataError
+
+        train_read = [v for k, v in read.items() if not str(k).startswith("validation:") and isinstance(v, dict)]
+        records = sum(int(v.get("total", 0)) for v in train_read)
+        rejected = sum(int(v.get("rejected", 0)) for v in train_read)
+        n_drop = sum(dropped.values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1]) if v)
+        frac = n_drop / max(examples, 1)
+        out = {"records_read": records, "records_rejected": rejected, unit: examples, "kept": kept,
+               "truncated": truncated, "dropped": {k: v for k, v in dropped.items() if v}, "dropped_fraction": frac}
+        if self.is_main:
+            print(f"data: {records} records read, {rejected} rejected; {examples} training {unit}: {kept} kept, "
+                  f"{truncated} truncated, {n_drop} dropped ({frac:.0%}{': ' + reasons if reasons else ''})",
+                  file=sys.stderr, flush=True)
+        limit = float(getattr(self.cfg.data, "max_dropped_fraction", 1.0))
+        if frac > limit:
+            raise DataError(f"{n_drop} of {examples} training {unit} ({frac:.0%}) would be dropped ({reasons}), more "
+                            f"than data.max_dropped_fraction={limit}: raise data.max_length, fix the data, or raise "
+                            "the ceiling")
+        self.data_counts = out
+        return out
+
+    data_counts: dict[str, Any] = {}
+
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Activation checkpointing and FSDP2 sharding (training/sharding.py) when the config asks for them; returns
         the model to train (route its loss functions through ``sharding.route``)."""
@@ -233,13 +265,13 @@ class Run:
         if record is not None and (done % max(1, self.train.log_every) == 0 or last):
             self.metrics.log(record)
         if self.bar is not None:
-            self.bar.update(1)
             rec = record or {}
             loss = rec.get("loss")
             post = {"loss": "-" if loss is None else f"{loss:.4f}"}
             if rec.get(throughput) is not None:
                 post[throughput.replace("_per_s", "/s")] = f"{rec[throughput]:.0f}"
-            self.bar.set_postfix(post)
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
         if self.due("save", done) or last:
             self.save_checkpoint(done, state)
 
@@ -292,7 +324,7 @@ class Run:
             "steps": self.total_steps, "resumed_from_step": self.start_step or None,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "seconds": round(seconds, 2), "adapter": bool(lora is not None and lora.enabled and kind != "reward"),
-            "world_size": self.dist.world_size, "counters": self.counters.as_dict(),
+            "world_size": self.dist.world_size, "counters": self.counters.as_dict(), "data_counts": self.data_counts,
             "precision": self.precision.as_dict(),
         }
         clash = set(common) & set(summary)
