@@ -127,7 +127,7 @@ def test_real_configs_load():
     sft = load_config(SFTConfig, ROOT / "configs" / "assistant_gemma.yaml")
     assert sft.model.path == "gemma-3-270m" and sft.lora.enabled
     # the SFT recipe reads exactly what the documented curate command writes
-    assert [s.path for s in sft.data.sources] == ["runs/data/assistant_gemma.jsonl"]
+    assert [s.path for s in sft.data.sources] == [str((ROOT / "runs" / "data" / "assistant_gemma.jsonl").resolve())]
     assert "--out runs/data/assistant_gemma.jsonl" in (ROOT / "configs" / "assistant_gemma.yaml").read_text()
     with pytest.raises(Exception, match="max_steps > 0"):
         load_config(LimaConfig, TINY, ["train.max_steps=0"])
