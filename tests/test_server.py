@@ -272,9 +272,10 @@ def test_tokenize_detokenize_and_tokenizer_info(server, engine):
     assert status == 200 and json.loads(body)["eos_token"] == engine.tokenizer.eos_token
 
 
-def test_concurrent_requests_are_batched_faster_and_equal_their_solo_results(engine):
-    """8 clients at once: each reply equals the one served alone (greedy), and all of them take less time than
-    serving them one after another, because they share decoding steps (the scheduler saw several rows at once)."""
+def test_concurrent_requests_are_batched_and_equal_their_solo_results(engine):
+    """8 clients at once: each reply equals the one served alone (greedy), and they share decoding: the scheduler ran
+    fewer engine batches than requests and saw several rows at once. (Counted, not timed: a wall-clock comparison
+    fails on a loaded machine; bench/serve.py measures the speed.)"""
     s = OpenAIServer(engine, "tiny", port=0, limits=ServerLimits(batch_wait_s=0.05)).start()
     try:
         c = openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0)
@@ -284,22 +285,20 @@ def test_concurrent_requests_are_batched_faster_and_equal_their_solo_results(eng
         def one(p):
             return c.completions.create(model="tiny", prompt=p, max_tokens=32, temperature=0).choices[0].text
 
-        one(prompts[0])  # warm-up
-        t0 = time.perf_counter()
+        before = s.scheduler.batches
         solo = [one(p) for p in prompts]
-        sequential = time.perf_counter() - t0
+        assert s.scheduler.batches - before == len(prompts)  # one at a time: one batch each
         results: dict[int, str] = {}
         threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, one(prompts[i])))
                    for i in range(len(prompts))]
-        t0 = time.perf_counter()
+        before = s.scheduler.batches
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        concurrent = time.perf_counter() - t0
         assert [results[i] for i in range(len(prompts))] == solo
         assert s.scheduler.max_rows_seen >= 4
-        assert concurrent < sequential, (concurrent, sequential)
+        assert s.scheduler.batches - before < len(prompts)
     finally:
         s.stop()
 
