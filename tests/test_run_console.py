@@ -112,3 +112,22 @@ def test_every_recipe_shows_progress_and_the_console_has_no_library_noise(tmp_pa
     assert re.search(r"step 3/3 loss=\d\.\d{4} tokens/s=\d+ eta 0:00", err)
     assert "\r" not in err and "\x1b[" not in err  # no carriage returns or ANSI codes in a log
     assert "Warning" not in err and "deprecated" not in err, err
+
+
+def test_tokenisation_is_cached_by_data_template_and_tokenizer(tmp_path, capsys):
+    cfg = write_config(tmp_path, "a", train={"max_steps": 1})
+    assert cli(["sft", "--config", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"tokenised: \d+ rows computed, cached in ", err)
+    cfg = write_config(tmp_path, "b", train={"max_steps": 1})  # another run on the same data: a cache hit
+    assert cli(["sft", "--config", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"tokenised: \d+ rows from the cache ", err) and "computed" not in err.split("tokenised:")[1][:40]
+    stats = [json.loads((tmp_path / "runs" / n / "data_stats.json").read_text()) for n in ("a", "b")]
+    assert stats[0] == stats[1]
+    assert records(tmp_path / "runs" / "a")[0]["loss"] == records(tmp_path / "runs" / "b")[0]["loss"]
+    # another template or other data: computed again
+    cfg = write_config(tmp_path, "c", train={"max_steps": 1}, data={"mask": "last_assistant", "max_length": 96,
+                                                                    "validation_fraction": 0.1, "seed": 0})
+    assert cli(["sft", "--config", str(cfg)]) == 0
+    assert re.search(r"tokenised: \d+ rows computed", capsys.readouterr().err)

@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,62 @@ UPDATE_KEYS = ("_n", "policy_loss", "value_loss", "entropy", "clipfrac", "approx
                "explained_variance")
 
 
+def ppo_loss(model: ActorCritic, mb, cfg: PPOConfig, sink: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """training/loop.py's loss function of one micro-batch (a Trajectory slice and an optional ptx batch): the
+    clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy (+ ptx_coef * the SFT loss), token
+    means times the token count (the loop divides by the step's tokens); the statistics go to ``sink``."""
+    from instructkit.models.load import causal_lm_parts, packed_hidden_states
+
+    traj, ptx_batch = mb
+    model.eval()  # dropout stays off (it is zeroed anyway): gradients flow the same
+    p, r = traj.prompt_width, traj.response_width
+    logits, hidden = response_logits(model.policy, traj.input_ids, traj.attention_mask, p, r, cfg.temperature)
+    tokens = traj.input_ids[:, p:p + r]
+    mask = traj.response_mask
+    logp_all = torch.log_softmax(logits, dim=-1)  # (b, R, V): the ratio's and the entropy's, computed once
+    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (b, R), = gather_logprobs(logits, tokens)
+    pg, pg_m = ppo_policy_loss(logp, traj.logprobs, traj.advantages, mask, cfg.clip_range)
+    values = model.values(traj, hidden)  # (b, R)
+    vf, vf_m = ppo_value_loss(values, traj.values, traj.returns, mask, cfg.clip_range_value)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.entropy_coef != 0):
+        ent, _ = entropy_from_logprobs(logp_all, mask)  # with a zero coefficient: logged, no backward through it
+    n = mask.sum()
+    loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * ent
+    stats = {"policy_loss": pg.item(), "value_loss": vf.item(), "entropy": ent.item(), **{
+        k: float(v) for k, v in {**pg_m, **vf_m}.items()}}
+    if ptx_batch is not None:
+        body, head, softcap = causal_lm_parts(model.policy)
+        s, k = sft_loss(packed_hidden_states(model.policy, ptx_batch), ptx_batch["labels"], head, softcap)
+        ptx_mean = s / k.clamp(min=1)
+        loss = loss + cfg.ptx_coef * ptx_mean
+        stats["ptx_loss"] = ptx_mean.item()
+    sink.append({k: v * float(n) for k, v in stats.items()} | {"_n": float(n)})
+    return loss * n, n.long()
+
+
+def iteration_record(step: int, traj: Trajectory, raw_scores: torch.Tensor, logits: torch.Tensor, kl_coef: float,
+                     cfg: PPOConfig, dist, mb_stats: list[dict[str, float]], ptx: list) -> dict[str, Any]:
+    """The metrics.jsonl line of one iteration: rollout statistics over the rows of every process (means over the
+    rollout batch), then the update's token-weighted means over every micro-batch of every process."""
+    mask, B = traj.response_mask, cfg.rollout_batch_size
+    with torch.no_grad():
+        ent_roll = entropy_from_logits(logits, mask)[0] * mask.sum()
+        kl = (kl_estimate(traj.logprobs, traj.ref_logprobs, cfg.kl_estimator) * mask).sum(1)
+    g = dist.sum_metrics([{
+        "score": raw_scores.sum().item(), "score_penalized": traj.scores.sum().item(), "kl": kl.sum().item(),
+        "reward_total": (traj.rewards * mask).sum().item(), "response_length": mask.sum().item(),
+        "ended_fraction": traj.ended.float().sum().item(), "_tokens": mask.sum().item(),
+        "rollout_entropy": ent_roll.item()}], B)
+    rec: dict[str, Any] = {
+        "step": step, "score": g["score"], "score_penalized": g["score_penalized"], "kl": g["kl"],
+        "non_score_reward": -kl_coef * g["kl"], "reward_total": g["reward_total"], "kl_coef": kl_coef,
+        "rollout_entropy": g["rollout_entropy"] / max(g["_tokens"], 1e-9), "response_length": g["response_length"],
+        "ended_fraction": g["ended_fraction"]}
+    upd = dist.sum_metrics(mb_stats, 1, UPDATE_KEYS + (("ptx_loss",) if ptx else ()))
+    rec.update({k: v / max(upd["_n"], 1.0) for k, v in upd.items() if k != "_n"})
+    return rec
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, dist, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """rl.advantage.masked_whiten over the rollouts of every process: the mean and the (Bessel-corrected) variance are
     taken over the masked positions of all ranks' rows (sums reduced across processes). Shapes: (B, T)."""
@@ -145,7 +202,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, dist, shift_mean: bool = True, e
 def main(cfg: PPOConfig) -> dict[str, Any]:
     from instructkit.chat.render import Renderer
     from instructkit.generation.engine import Engine, SamplingParams
-    from instructkit.models.load import causal_lm_parts, packed_hidden_states
     from instructkit.training.loop import read_metrics
     from instructkit.training.packing import collate_rows
     from instructkit.training.run import Run, data_fingerprint
@@ -204,32 +260,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
 
     mb_stats: list[dict[str, float]] = []
 
-    def loss_fn(model: ActorCritic, mb):
-        traj, ptx_batch = mb
-        model.eval()  # dropout stays off (it is zeroed anyway): gradients flow the same
-        p, r = traj.prompt_width, traj.response_width
-        logits, hidden = response_logits(model.policy, traj.input_ids, traj.attention_mask, p, r, cfg.temperature)
-        tokens = traj.input_ids[:, p:p + r]
-        mask = traj.response_mask
-        logp_all = torch.log_softmax(logits, dim=-1)  # (b, R, V): the ratio's and the entropy's, computed once
-        logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (b, R), = gather_logprobs(logits, tokens)
-        pg, pg_m = ppo_policy_loss(logp, traj.logprobs, traj.advantages, mask, cfg.clip_range)
-        values = model.values(traj, hidden)  # (b, R)
-        vf, vf_m = ppo_value_loss(values, traj.values, traj.returns, mask, cfg.clip_range_value)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.entropy_coef != 0):
-            ent, _ = entropy_from_logprobs(logp_all, mask)  # with a zero coefficient: logged, no backward through it
-        n = mask.sum()
-        loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * ent
-        stats = {"policy_loss": pg.item(), "value_loss": vf.item(), "entropy": ent.item(), **{
-            k: float(v) for k, v in {**pg_m, **vf_m}.items()}}
-        if ptx_batch is not None:
-            body, head, softcap = causal_lm_parts(model.policy)
-            s, k = sft_loss(packed_hidden_states(model.policy, ptx_batch), ptx_batch["labels"], head, softcap)
-            ptx_mean = s / k.clamp(min=1)
-            loss = loss + cfg.ptx_coef * ptx_mean
-            stats["ptx_loss"] = ptx_mean.item()
-        mb_stats.append({k: v * float(n) for k, v in stats.items()} | {"_n": float(n)})
-        return loss * n, n.long()
+    loss_fn = partial(ppo_loss, cfg=cfg, sink=mb_stats)
 
     # -- iterations
     for it in range(start, iterations):
@@ -292,23 +323,8 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 if res.grad_norm is not None:
                     grad_norms.append(res.grad_norm)
 
-        # metrics: rollout statistics over all ranks, then the update's token-weighted means
-        with torch.no_grad():
-            ent_roll = entropy_from_logits(logits, mask)[0] * mask.sum()
-        kl = (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask).sum(1)
-        g = dist.sum_metrics([{
-            "score": raw_scores.sum().item(), "score_penalized": scores.sum().item(), "kl": kl.sum().item(),
-            "reward_total": (rewards * mask).sum().item(), "response_length": mask.sum().item(),
-            "ended_fraction": ended.float().sum().item(), "_tokens": mask.sum().item(),
-            "rollout_entropy": ent_roll.item()}], B)
-        rec: dict[str, Any] = {
-            "step": it + 1, "score": g["score"], "score_penalized": g["score_penalized"], "kl": g["kl"],
-            "non_score_reward": -kl_ctl.value * g["kl"], "reward_total": g["reward_total"],
-            "kl_coef": kl_ctl.value, "rollout_entropy": g["rollout_entropy"] / max(g["_tokens"], 1e-9),
-            "response_length": g["response_length"], "ended_fraction": g["ended_fraction"],
-            "lr": run.scheduler.get_last_lr()[0], "grad_norm": sum(grad_norms) / max(len(grad_norms), 1)}
-        upd = dist.sum_metrics(mb_stats, 1, UPDATE_KEYS + (("ptx_loss",) if ptx else ()))
-        rec.update({k: v / max(upd["_n"], 1.0) for k, v in upd.items() if k != "_n"})
+        rec = iteration_record(it + 1, traj, raw_scores, logits, kl_ctl.value, cfg, dist, mb_stats, ptx)
+        rec.update(lr=run.scheduler.get_last_lr()[0], grad_norm=sum(grad_norms) / max(len(grad_norms), 1))
         kl_ctl.update(rec["kl"], B)
         run.after_step(it + 1, rec, state={"kl_coef": kl_ctl.value})
         if (it == 0 or it + 1 == iterations) and run.is_main:

@@ -75,16 +75,42 @@ def load_conversations(cfg: SFTConfig, run_dir: Path, stats: dict | None = None)
     return train, val
 
 
-def render_samples(conversations: list, tokenizer, cfg: SFTConfig) -> list[Sample]:
-    """chat/render.py decides the loss mask (assistant content plus end-of-turn token)."""
+def render_samples(conversations: list, tokenizer, cfg: SFTConfig, run=None, label: str = "tokenised") -> list[Sample]:
+    """chat/render.py decides the loss mask (assistant content plus end-of-turn token). With ``run``: a progress bar,
+    and the result cached by data, template, tokenizer and rendering settings (Run.cached), so a rerun starts at
+    once."""
     from instructkit.chat.render import Renderer
+    from instructkit.training.loop import progress_bar
 
     renderer = Renderer.from_config(tokenizer, cfg.model.template, cfg.data)
-    out = []
-    for conv in conversations:  # one sample per sequence: several when the template re-renders earlier turns
-        for r in renderer.render_examples(conv, mask=cfg.data.mask):
-            out.append(Sample(list(r.input_ids), list(r.loss_mask)))
-    return out
+
+    def render() -> list:
+        out = []
+        bar = progress_bar(len(conversations), 0, run is None or run.is_main, desc=label, unit="examples")
+        for conv in conversations:  # one sample per sequence: several when the template re-renders earlier turns
+            for r in renderer.render_examples(conv, mask=cfg.data.mask):
+                out.append([list(r.input_ids), list(r.loss_mask)])
+            bar.update(1)
+        bar.close()
+        return out
+
+    if run is None or not conversations:
+        rows = render()
+    else:
+        d = cfg.data
+        rows = run.cached(label, [[c.to_dict() for c in conversations], renderer.template, tokenizer_fingerprint(
+            tokenizer), d.mask, d.reasoning, d.train_tool_calls, d.chat_template_kwargs, cfg.model.template], render)
+    return [Sample(ids, mask) for ids, mask in rows]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What identifies a tokenizer's ids: its serialised fast tokenizer (or vocabulary) and its special tokens."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    text += json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,8 +187,9 @@ def main(cfg: SFTConfig) -> dict:
     train_loss = sharding.route(train_loss)
 
     # -- render and pack ------------------------------------------------------------------------------------------------
-    train_samples, train_stats = prepare_samples(render_samples(train_convs, tokenizer, cfg), cfg.data.max_length)
-    val_samples, val_stats = prepare_samples(render_samples(val_convs, tokenizer, cfg), cfg.data.max_length)
+    train_samples, train_stats = prepare_samples(render_samples(train_convs, tokenizer, cfg, run), cfg.data.max_length)
+    val_samples, val_stats = prepare_samples(render_samples(val_convs, tokenizer, cfg, run, "tokenised validation"),
+                                             cfg.data.max_length)
     run.check_data(read=read_stats, examples=train_stats.total, kept=train_stats.kept,
                    truncated=train_stats.truncated, dropped=dict(train_stats.dropped))
     if not train_samples:

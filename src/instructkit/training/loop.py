@@ -380,9 +380,10 @@ class LineProgress:
     """The progress bar of a console that is not a terminal (a log file, a pipe): plain lines, no carriage returns,
     about ten over a run (``step N/T loss=... tokens/s=... eta M:SS``)."""
 
-    def __init__(self, total: int, initial: int, stream=None):
+    def __init__(self, total: int, initial: int, stream=None, desc: str = "step"):
         import sys
 
+        self.desc = desc
         self.total, self.n, self.start_n = total, initial, initial
         self.every = max(1, total // 10)
         self.postfix: dict[str, Any] = {}
@@ -399,7 +400,7 @@ class LineProgress:
             rate = (time.perf_counter() - self.t0) / max(done, 1)
             eta = int(rate * (self.total - self.n))
             post = " ".join(f"{k}={v}" for k, v in self.postfix.items())
-            print(f"step {self.n}/{self.total} {post} eta {eta // 60}:{eta % 60:02d}".replace("  ", " "),
+            print(f"{self.desc} {self.n}/{self.total} {post} eta {eta // 60}:{eta % 60:02d}".replace("  ", " "),
                   file=self.stream, flush=True)
 
     def close(self) -> None:
@@ -411,7 +412,7 @@ class _NoProgress(LineProgress):
         self.n += n
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "step", unit: str = "step"):
     """A tqdm bar (loss, throughput; tqdm shows the ETA) on a terminal, plain lines otherwise (no carriage returns
     in log files), silent on non-main ranks."""
     import sys
@@ -419,10 +420,10 @@ def progress_bar(total: int, initial: int, enabled: bool):
     if not enabled:
         return _NoProgress(total, initial)
     if not sys.stderr.isatty():
-        return LineProgress(total, initial)
+        return LineProgress(total, initial, desc=desc)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, desc=None if desc == "step" else desc)
 
 
 @dataclass

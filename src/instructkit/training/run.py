@@ -20,6 +20,10 @@ What each call does:
   ``<train.output_dir>/<train.run_name>/``, sets torch's threads and seed (``train.seed``), writes ``config.yaml``.
   ``run.resolve_model(path)`` is the ONE place a model path is resolved: ``tiny:`` (a tiny random Llama written into
   the run folder by rank 0, models/tiny.py), a local folder, a zoo name or a Hub id (models/load.resolve_path).
+- ``run.check_data(read=..., examples=..., kept=..., dropped=...)``: the data summary printed before the first step
+  (records read and rejected, kept, truncated, dropped by reason) and the ``data.max_dropped_fraction`` ceiling.
+- ``run.cached(what, key_parts, compute)``: a result (e.g. tokenised samples) kept under ``<output_dir>/.cache`` by a
+  key of the data, template, tokenizer and settings, so a rerun starts at once.
 - ``run.setup(model, ...)``: the step plan (``training/loop.StepPlan``: rows per step over all ranks, this rank's
   micro-batches), AdamW and the schedule, the metrics logger, and resume (``train.resume``: auto, never or a folder).
   Resume refuses a drifted config (naming each changed field, ``training/checkpoint.check_drift``), changed data
@@ -49,6 +53,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -167,6 +172,35 @@ class Run:
         return out
 
     data_counts: dict[str, Any] = {}
+
+    def cached(self, what: str, key_parts: list[Any], compute: Callable[[], list]) -> list:
+        """``compute()`` (a list of JSON-able rows, e.g. token ids and masks), or its result from an earlier run with
+        the same ``key_parts`` (the data, the template, the tokenizer, the settings that change the result): kept in
+        ``<train.output_dir>/.cache/<what>-<key>.json``, so a rerun skips tokenisation. Says which on the console."""
+        import sys
+
+        h = hashlib.sha256()
+        for part in key_parts:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+            h.update(b"\0")
+        key = h.hexdigest()[:20]
+        path = Path(self.train.output_dir) / ".cache" / f"{what.replace(' ', '_')}-{key}.json"
+        if path.exists():
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+                if self.is_main:
+                    print(f"{what}: {len(rows)} rows from the cache ({path})", file=sys.stderr, flush=True)
+                return rows
+            except (OSError, ValueError):  # a partial or corrupt cache file: compute again
+                pass
+        rows = compute()
+        if self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(rows), encoding="utf-8")
+            os.replace(tmp, path)
+            print(f"{what}: {len(rows)} rows computed, cached in {path}", file=sys.stderr, flush=True)
+        return rows
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Activation checkpointing and FSDP2 sharding (training/sharding.py) when the config asks for them; returns
