@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from instructkit.data import formats as F
 from instructkit.data.formats import FORMATS, canonical_format, convert_record, detect_format
-from instructkit.data.schema import Conversation, DataError, Message, PreferencePair, ToolCall
+from instructkit.data.schema import (Conversation, DataError, Message, PreferencePair, TextExample, ToolCall,
+                                    UnpairedExample)
 
 
 def roles(conv):
@@ -353,7 +354,7 @@ def _check(record, fmt):
     except DataError:
         return
     for ex in out:
-        assert isinstance(ex, (Conversation, PreferencePair))
+        assert isinstance(ex, (Conversation, PreferencePair, UnpairedExample, TextExample))  # the four kinds
         json.dumps(ex.to_dict())  # serialisable
 
 
