@@ -99,12 +99,12 @@ def encode_prompts(examples: list, renderer, cfg: PPOConfig) -> tuple[list[list[
         if not m:
             dropped["no_prompt"] += 1
             continue
-        p = renderer.render_prompt(m)
+        p = renderer.render_prompt(m, tools=getattr(ex, "tools", None))  # the example's tools, as SFT renders them
         if len(p) > cfg.data.max_length:
             dropped["too_long"] += 1
             continue
         ids.append(p)
-        msgs.append([{"role": x.role, "content": x.content} for x in m])
+        msgs.append([x.to_dict() for x in m])  # every field (tool calls, reasoning) for rule rewards
     return ids, msgs, dropped
 
 
