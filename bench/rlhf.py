@@ -176,7 +176,7 @@ def run_dpo(args) -> dict:
 # RL: instructkit `ppo` vs TRL 1.16 GRPOTrainer, the rollout-plus-update loop
 # =====================================================================================================================
 ROOT = Path(__file__).resolve().parent.parent
-ALPACA = Path("/work/shared/data/lf_alpaca_en_demo.json")
+ALPACA = ROOT.parent / "shared" / "data" / "lf_alpaca_en_demo.json"  # ../shared beside the repository
 RL_WORK = Path(tempfile.gettempdir()) / "instructkit_bench_rlhf_rl"
 # The DPO part's architecture (hidden 256, 4 layers) on SmolLM2's real 49,152-token tokenizer instead of the widened
 # tiny one: rollouts sample from the whole output layer, and ids beyond the tiny tokenizer's 512 would decode to

@@ -52,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path("/work/shared/data/lf_alpaca_en_demo.json")
+DATA = ROOT.parent / "shared" / "data" / "lf_alpaca_en_demo.json"  # ../shared beside the repository
 WORK = Path(tempfile.gettempdir()) / "instructkit_bench_sft_vs_trl"
 
 # Configurations: model, LoRA, batch layout. `steps` are timed steps after `warmup` steps, per child.
