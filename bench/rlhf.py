@@ -625,17 +625,31 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {}
     if results and "dpo" not in results and "speedup" in results:  # the file's old layout: DPO only, at the top
         results = {"dpo": results}
+    def keep(key, sub=None):
+        """Move the object a rerun replaces to ``results["history"]`` (newest last): no measured run is lost."""
+        prev = results.get(key, {}) if sub is None else results.get(key, {}).get(sub)
+        if prev:
+            results.setdefault("history", []).append({"benchmark": key if sub is None else f"{key}/{sub}",
+                                                      "replaced_utc": time.strftime("%Y-%m-%d %H:%M"),
+                                                      "result": prev})
+
     if args.only in ("dpo", "all"):
+        keep("dpo")
         results["dpo"] = run_dpo(args)
     if args.only in ("rl", "all"):
         rl = run_rl(args)
+        for name in rl:
+            keep("rl", name)
         import transformers
 
         results["rl"] = {**results.get("rl", {}), **rl,
                          "meta": {"torch": torch.__version__, "transformers": transformers.__version__,
                                   "trl": __import__("trl").__version__, "threads": 2}}
     if args.only in ("grpo", "all"):
-        results["grpo"] = {**results.get("grpo", {}), **run_grpo(args)}
+        grpo = run_grpo(args)
+        for name in grpo:
+            keep("grpo", name)
+        results["grpo"] = {**results.get("grpo", {}), **grpo}
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
 

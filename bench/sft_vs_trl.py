@@ -450,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
         done = {(r["config"], r["threads"]) for r in results}
         merged = [r for r in old.get("configs", []) if (r.get("config"), r.get("threads", 2)) not in done] + results
-        Path(a.out).write_text(json.dumps({"benchmark": "sft_vs_trl", "configs": merged}, indent=1))
+        # the objects a rerun replaces move to "history" (newest last), so that no measured run is lost
+        history = old.get("history", []) + [r for r in old.get("configs", [])
+                                            if (r.get("config"), r.get("threads", 2)) in done]
+        Path(a.out).write_text(json.dumps({"benchmark": "sft_vs_trl", "configs": merged, "history": history},
+                                          indent=1))
         log(f"wrote {a.out}")
     else:
         print(json.dumps(summary, indent=1))
