@@ -2,7 +2,7 @@
 the prompt by the model's own template, tool calls read back into `message.tool_calls` (and streamed deltas),
 `<think>` reasoning returned as `reasoning_content`; multi-turn requests with assistant tool calls and tool results.
 
-The tiny random model cannot be asked to emit a tool call, so these tests script its reply (the engine's decoding loop
+The tiny random model cannot be asked to emit a tool call, so these tests script its reply (the server's decoding batch
 is replaced by one that emits fixed tokens); the tokenizer, the template, the server, the parser and the client are
 the real ones. Engine decoding itself is tested in test_engine.py."""
 
@@ -49,33 +49,63 @@ def engine(tiny_model_dir):
     return Engine(model, tok)
 
 
+class _ScriptedBatch:
+    """Stands in for the server's continuous batch (generation/continuous.py): each row gets the scripted reply, one
+    token per step (the first at admission, as after a prefill), then the end-of-turn token."""
+
+    def __init__(self, engine, state: dict, eot: int):
+        self.engine, self.state, self.eot = engine, state, eot
+        self.rows: list = []
+        self.steps = self.max_rows = 0
+
+    @property
+    def live(self) -> list:
+        return [r for r in self.rows if r.finish_reason is None]
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def add(self, rows) -> None:
+        for r in rows:
+            r.stop_ids = frozenset([self.eot])
+            self.state["prompts"].append(self.engine.tokenizer.decode(r.prompt))
+        self.rows += rows
+        self._emit(rows)
+
+    def step(self) -> None:
+        self._emit(self.live)
+
+    def _emit(self, rows) -> None:
+        ids = self.engine.tokenizer(self.state["reply"], add_special_tokens=False)["input_ids"] + [self.eot]
+        for r in rows:
+            t = ids[len(r.tokens)]
+            r.tokens.append(t)
+            r.finish_reason = "stop" if t == self.eot else None
+
+    def clear(self) -> None:
+        self.rows = self.live
+
+
 @pytest.fixture()
-def scripted(engine, monkeypatch):
-    """Replace the decoding loop by one that emits ``reply`` then the end-of-turn token; records the prompts."""
+def scripted(engine, server, monkeypatch):
+    """Replace the decoding by a batch that emits ``reply`` then the end-of-turn token; records the prompts."""
     state = {"reply": REPLY, "prompts": []}
     eot = engine.chat_stop_token_ids()[0]
-
-    def run(rows):
-        ids = engine.tokenizer(state["reply"], add_special_tokens=False)["input_ids"] + [eot]
-        for r in rows:
-            r.stop_ids = frozenset([eot])
-            state["prompts"].append(engine.tokenizer.decode(r.prompt))
-        for t in ids:
-            for r in rows:
-                if r.finish_reason is None:
-                    r.tokens.append(t)
-                    r.finish_reason = "stop" if t == eot else None
-            yield
-
-    monkeypatch.setattr(engine, "run", run)
+    assert server.scheduler.continuous
+    monkeypatch.setattr(server.scheduler, "_batch", _ScriptedBatch(engine, state, eot))
     return state
 
 
 @pytest.fixture(scope="module")
-def client(engine):
+def server(engine):
     s = OpenAIServer(engine, "tiny", port=0).start()
-    yield openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0)
+    yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
 
 
 def test_tool_call_and_reasoning_read_back(client, scripted):

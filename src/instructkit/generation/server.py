@@ -4,11 +4,15 @@ HTTP is Starlette on uvicorn (HTTP/1.1 through h11: chunked request and response
 timeout, TCP_NODELAY on every connection as asyncio sets it). What is ours is the OpenAI surface and the batching:
 
 - ``BatchScheduler``: one worker thread owns the Engine. Requests queue their rows (one per prompt and choice, each
-  with its own sampling parameters and seed); the worker takes everything pending (up to ``max_batch_rows``) as one
-  batch and runs ``Engine.run`` over it, so concurrent requests share every decoding step. A request finishes as soon
-  as its own rows do; requests that arrive while a batch runs join the next batch. Greedy rows compute the same float
+  with its own sampling parameters and seed). With continuous batching (generation/continuous.py, for the models the
+  lean decode step supports) the worker runs one decode step at a time over every running row; between two steps,
+  queued requests join the running batch (as many rows as ``max_batch_rows`` leaves room for: prefilled, then decoded
+  with the others) and a request is answered as soon as its own rows finish, its rows leaving the batch. Nobody waits
+  for a batch to drain and no step runs for rows that are done. Other models run whole batches (``Engine.run`` over
+  everything pending; requests that arrive meanwhile join the next batch). Greedy rows compute the same float
   operations whatever else is in the batch, up to the last bits batched matmuls may round differently in
-  (tests/test_server.py checks that each concurrent reply equals the one served alone).
+  (tests/test_server.py and tests/test_server_continuous.py check that each concurrent reply equals the one served
+  alone).
 - Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (``n``, ``logprobs`` / ``top_logprobs``,
   ``echo`` with the prompt's log-probabilities and ``max_tokens: 0``, ``stop``, ``seed``, streaming as server-sent
   events ending with ``data: [DONE]`` in a chunked body, so a cut stream is detectable), ``GET /v1/models``,
@@ -142,15 +146,28 @@ class BatchScheduler:
     """Runs every generation on one worker thread, batching the rows of concurrent requests (see module docstring)."""
 
     def __init__(self, engine: Engine, limits: ServerLimits):
+        from instructkit.generation.continuous import ContinuousBatch
+
         self.engine = engine
         self.limits = limits
         self._pending: list[Ticket] = []
+        self._inflight: list[Ticket] = []  # continuous batching: admitted tickets not finished yet
         self._cv = threading.Condition()
         self._closed = False
-        self.batches = 0  # counters for tests and logs
+        self.continuous = ContinuousBatch.supported(engine)
+        self._batch = ContinuousBatch(engine) if self.continuous else None
+        # counters for tests and logs: admissions (groups of requests that started together: one prefill round, or
+        # one Engine.run without continuous batching), decode steps, most rows decoded in one step
+        self.batches = 0
+        self._steps = 0
         self.max_rows_seen = 0
         self._thread = threading.Thread(target=self._work, name="instructkit-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def steps(self) -> int:
+        """Decode steps run (continuous batching; whole batches count theirs as they run)."""
+        return self._batch.steps if self._batch is not None else self._steps
 
     def submit(self, ticket: Ticket) -> None:
         with self._cv:
@@ -165,35 +182,92 @@ class BatchScheduler:
             self._cv.notify()
         self._thread.join(timeout=30)
 
-    def _take(self) -> list[Ticket]:
-        with self._cv:
-            while not self._pending and not self._closed:
-                self._cv.wait()
-            if self._closed:
-                return []
-        if self.limits.batch_wait_s > 0:  # let requests sent at the same moment arrive and join this batch
-            time.sleep(self.limits.batch_wait_s)
-        with self._cv:
-            taken, rows = [], 0
-            while self._pending and (not taken or rows + len(self._pending[0].rows) <= self.limits.max_batch_rows):
-                t = self._pending.pop(0)
-                taken.append(t)
-                rows += len(t.rows)
-            return taken
+    def _take(self, free_rows: int) -> list[Ticket]:
+        """Pending tickets, in order, whose rows fit in ``free_rows`` (at least one when nothing else runs)."""
+        taken, rows = [], 0
+        while self._pending and (rows + len(self._pending[0].rows) <= free_rows
+                                 or (not taken and free_rows >= self.limits.max_batch_rows)):
+            t = self._pending.pop(0)
+            taken.append(t)
+            rows += len(t.rows)
+        return taken
 
     def _work(self) -> None:
+        if self.continuous:
+            return self._work_continuous()
         while True:
-            tickets = self._take()
-            if not tickets:
-                return
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+            if self.limits.batch_wait_s > 0:  # let requests sent at the same moment arrive and join this batch
+                time.sleep(self.limits.batch_wait_s)
+            with self._cv:
+                tickets = self._take(self.limits.max_batch_rows)
             try:
                 self._run(tickets)
             except Exception as e:  # never let one bad batch kill the worker
-                log.exception("generation failed")
-                for t in tickets:
-                    if t.outputs is None:
-                        t.error = f"generation failed: {type(e).__name__}: {e}"
-                        t._put(("error", t.error))
+                self._fail(tickets, e)
+
+    def _fail(self, tickets: list[Ticket], e: Exception) -> None:
+        log.exception("generation failed")
+        for t in tickets:
+            if t.outputs is None:
+                t.error = f"generation failed: {type(e).__name__}: {e}"
+                t._put(("error", t.error))
+
+    def _work_continuous(self) -> None:
+        """Continuous batching (generation/continuous.py): between two decode steps, pending requests join the running
+        batch (as many rows as ``max_batch_rows`` leaves room for) and finished requests are answered at once."""
+        while True:
+            batch = self._batch
+            with self._cv:
+                while not self._pending and not self._inflight and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    for t in self._pending + self._inflight:
+                        t.cancel()
+                    self._fail(self._pending + self._inflight, RuntimeError("the server is shutting down"))
+                    return
+                idle = not self._inflight
+            if idle and self._pending and self.limits.batch_wait_s > 0:
+                time.sleep(self.limits.batch_wait_s)  # requests sent at the same moment start together
+            with self._cv:
+                taken = self._take(self.limits.max_batch_rows - len(batch))
+            try:
+                if taken:
+                    self._admit(taken)
+                batch.step()
+                self.max_rows_seen = max(self.max_rows_seen, batch.max_rows)
+                self._deliver()
+            except Exception as e:  # never let one bad step kill the worker: its requests fail, the batch restarts
+                self._fail(self._inflight, e)
+                self._inflight = []
+                batch.clear()
+            if not self._inflight:
+                batch.clear()
+
+    def _admit(self, tickets: list[Ticket]) -> None:
+        self.batches += 1
+        self._inflight += tickets
+        for t in tickets:
+            t._sent_chars = [0] * len(t.rows)
+            t._sent_tokens = [0] * len(t.rows)
+            if t.score:
+                t.prompt_scores = self.engine.prompt_logprobs(t.score, top_k=t.score_top)
+        self._batch.add([r for t in tickets for r in t.rows])
+
+    def _deliver(self) -> None:
+        still = []
+        for t in self._inflight:
+            if t.stream:
+                self._push_deltas(t)
+            if all(r.finish_reason is not None for r in t.rows):
+                self._finish(t)
+            else:
+                still.append(t)
+        self._inflight = still
 
     def _run(self, tickets: list[Ticket]) -> None:
         eng = self.engine
@@ -210,6 +284,7 @@ class BatchScheduler:
         done: set[int] = set()
         steps = eng.run(rows)
         for _ in steps:
+            self._steps += 1
             for t in live:
                 if id(t) in done:
                     continue
