@@ -19,8 +19,9 @@ all of them; the median of the repetitions is reported.
   reason when llama-cpp-python is not available (models/export.py ``llama_cpp_module``).
 - Work done is checked: greedy replies of our server must equal the previous server's for the same prompt.
 
-Writes bench/results/serve.json (or ``--out``) and prints a markdown table. Needs an idle machine: do not run it next
-to other jobs (``--smoke`` runs a tiny model in seconds to check the script itself).
+Appends the run to bench/results/serve.json (or ``--out``; ``{"runs": [...]}``, earlier runs kept) and prints a
+markdown table. Needs an idle machine: do not run it next to other jobs (``--smoke`` runs a tiny model in seconds to
+check the script itself).
 """
 
 from __future__ import annotations
@@ -203,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 requests per client count, 4 tokens")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = ap.parse_args(argv)
+    if not args.smoke:
+        earlier_runs(Path(args.out))  # an unreadable results file stops here, before the measurement, not after
 
     import torch
 
@@ -231,10 +234,11 @@ def main(argv=None) -> int:
         sides[f"previous server ({BASELINE_COMMIT}, stdlib, one lock)"] = (old.base_url, old.stop)
     llama_note = None
     if not args.no_llama_cpp:
-        from instructkit.models.export import export_gguf, llama_cpp_module
+        from instructkit.models.export import export_gguf, llama_cpp_module, llama_cpp_unavailable_reason
 
         if llama_cpp_module() is None:
-            llama_note = "skipped: llama-cpp-python not available"
+            llama_note = f"skipped: {llama_cpp_unavailable_reason()}"
+            print(f"llama.cpp side {llama_note}", file=sys.stderr, flush=True)
         else:
             from instructkit.models.load import resolve_path
 
@@ -274,15 +278,38 @@ def main(argv=None) -> int:
         for _, stop in sides.values():
             stop()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    record = {"command": " ".join([sys.executable, *sys.argv]), "model": args.model, "max_tokens": args.max_tokens,
+    record = {"command": " ".join([sys.executable, *sys.argv]), "model": args.model,
+              "scheduler": "continuous batching" if ours.scheduler.continuous else "whole batches", "max_tokens": args.max_tokens,
               "threads": threads, "reps": args.reps, "llama_cpp": llama_note or args.gguf_type,
               "cpu": _cpu_model(), "load_before": load_before, "load_after": os.getloadavg(),
               "cpu_time_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
               "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    out = Path(args.out)
+    runs = earlier_runs(out) + [record]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    tmp.replace(out)  # all runs or the previous file, never half of one
     print(_table(record))
+    print(f"appended to {out} ({len(runs)} runs)")
     return 0
+
+
+def earlier_runs(path: Path) -> list[dict]:
+    """The runs already in the results file (``{"runs": [...]}``; a single run written by an older version of this
+    script counts as one): every run is kept, a new one is appended. A file that cannot be read as either is an error,
+    never overwritten."""
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not valid JSON ({e}); move it away or pass --out, so that no earlier run is lost")
+    if isinstance(data, dict) and isinstance(data.get("runs"), list):
+        return data["runs"]
+    if isinstance(data, dict) and "results" in data:
+        return [data]
+    raise SystemExit(f"{path}: neither {{\"runs\": [...]}} nor a single run; move it away or pass --out")
 
 
 def _cpu_model() -> str:

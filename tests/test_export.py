@@ -383,3 +383,26 @@ def test_export_accepts_a_zoo_name_and_says_what_is_missing(tmp_path, capsys):
     name = "smollm2-135m-instruct"
     if name in ZOO and is_prepared(name):  # CI installs it before the tests: the zoo name resolves like a folder
         assert ex.find_model_dir(name).is_dir()
+
+
+def test_llama_cpp_module_says_why_a_cached_build_does_not_import(tmp_path):
+    """A build in the cache folder that fails to import (here: a dependency missing from the environment, as
+    llama-cpp-python's ``diskcache`` was) gives None and a reason naming the missing package, not a silent None."""
+    import os
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "site" / "llama_cpp"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import ik_missing_dependency_xyz\n")
+    code = ("import sys, importlib.util\n"
+            "if importlib.util.find_spec('llama_cpp') is not None: print('INSTALLED'); sys.exit()\n"
+            "from instructkit.models import export as ex\n"
+            "print(ex.llama_cpp_module() is None, 'llama_cpp' in sys.modules, ex.llama_cpp_unavailable_reason())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "INSTRUCTKIT_LLAMA_CPP_DIR": str(tmp_path / "site")})
+    if out.stdout.startswith("INSTALLED"):
+        pytest.skip("llama-cpp-python is installed in this environment: the cache folder is not looked at")
+    assert out.stdout.startswith("True False ")
+    assert "ik_missing_dependency_xyz" in out.stdout and str(tmp_path / "site") in out.stdout
+    assert "ik_missing_dependency_xyz" in out.stderr  # logged too, for callers that only print None

@@ -210,8 +210,9 @@ class BatchScheduler:
             except Exception as e:  # never let one bad batch kill the worker
                 self._fail(tickets, e)
 
-    def _fail(self, tickets: list[Ticket], e: Exception) -> None:
-        log.exception("generation failed")
+    def _fail(self, tickets: list[Ticket], e: Exception, shutdown: bool = False) -> None:
+        if not shutdown:
+            log.exception("generation failed")
         for t in tickets:
             if t.outputs is None:
                 t.error = f"generation failed: {type(e).__name__}: {e}"
@@ -228,7 +229,7 @@ class BatchScheduler:
                 if self._closed:
                     for t in self._pending + self._inflight:
                         t.cancel()
-                    self._fail(self._pending + self._inflight, RuntimeError("the server is shutting down"))
+                    self._fail(self._pending + self._inflight, RuntimeError("the server is shutting down"), True)
                     return
                 idle = not self._inflight
             if idle and self._pending and self.limits.batch_wait_s > 0:

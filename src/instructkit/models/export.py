@@ -341,27 +341,61 @@ def gguf_type(name: str) -> str:
 LLAMA_CPP_FTYPES = {"q4_K_M": 15}
 
 
+_LLAMA_CPP_WHY: str | None = None  # why the last llama_cpp_module() call returned None
+
+
 def llama_cpp_module():
     """llama-cpp-python's ``llama_cpp`` module: the installed package, else a build kept in the cache folder
     (``~/.cache/instructkit/llama-cpp-python/site``: the wheel built once from the sdist and unpacked, as the slow
-    tests use it; ``INSTRUCTKIT_LLAMA_CPP_DIR`` overrides the folder). None when neither exists."""
+    tests use it; ``INSTRUCTKIT_LLAMA_CPP_DIR`` overrides the folder). None when neither imports; then
+    :func:`llama_cpp_unavailable_reason` says why (not installed, or which import failed: a dependency missing from
+    this environment such as ``diskcache``, a shared library that does not load), and a build that exists but does
+    not import is logged as a warning naming the error."""
     import importlib
+    import logging
     import os
     import sys
 
+    global _LLAMA_CPP_WHY
+    _LLAMA_CPP_WHY = None
+    installed_error = None
     try:
         return importlib.import_module("llama_cpp")
-    except ImportError:
-        pass
+    except ImportError as e:
+        if e.name != "llama_cpp":  # installed, but something it imports is missing
+            installed_error = f"the installed llama_cpp package does not import: {_import_error(e)}"
+    except Exception as e:  # noqa: BLE001 - e.g. its shared library fails to load
+        installed_error = f"the installed llama_cpp package does not import: {type(e).__name__}: {e}"
     site = Path(os.environ.get("INSTRUCTKIT_LLAMA_CPP_DIR") or LLAMA_CPP_CACHE / "site")
     if not (site / "llama_cpp" / "__init__.py").exists():
+        _LLAMA_CPP_WHY = installed_error or (f"llama-cpp-python is not installed and no build is cached at {site}")
+        if installed_error:
+            logging.getLogger(__name__).warning("llama.cpp unavailable: %s", _LLAMA_CPP_WHY)
         return None
     sys.path.insert(0, str(site))
     try:
         return importlib.import_module("llama_cpp")
-    except ImportError:
+    except Exception as e:  # noqa: BLE001 - ImportError, or OSError/RuntimeError from loading libllama
         sys.path.remove(str(site))
+        for name in [m for m in sys.modules if m == "llama_cpp" or m.startswith("llama_cpp.")]:
+            del sys.modules[name]  # a half-imported package would shadow a later, fixed import
+        detail = _import_error(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
+        _LLAMA_CPP_WHY = f"the llama-cpp-python build cached at {site} does not import: {detail}"
+        logging.getLogger(__name__).warning("llama.cpp unavailable: %s", _LLAMA_CPP_WHY)
         return None
+
+
+def _import_error(e: ImportError) -> str:
+    missing = getattr(e, "name", None)
+    if isinstance(e, ModuleNotFoundError) and missing and not missing.startswith("llama_cpp"):
+        return (f"it needs the Python package {missing!r}, which is not installed in this environment "
+                f"(pip install {missing.split('.')[0]})")
+    return f"{type(e).__name__}: {e}"
+
+
+def llama_cpp_unavailable_reason() -> str | None:
+    """Why llama-cpp-python cannot be used here (None when :func:`llama_cpp_module` finds it)."""
+    return None if llama_cpp_module() is not None else _LLAMA_CPP_WHY
 
 
 def llama_cpp_quantizer():
@@ -372,7 +406,9 @@ def llama_cpp_quantizer():
     lc = llama_cpp_module()
     if lc is None:
         raise ExportError(
-            "GGUF q4_K_M needs llama.cpp's quantiser (the gguf package has no k-quant writer): install llama-cpp-python "
+            f"GGUF q4_K_M needs llama.cpp's quantiser (the gguf package has no k-quant writer; "
+            f"{_LLAMA_CPP_WHY or 'llama-cpp-python was not found'}): "
+            "install llama-cpp-python "
             "(pip install llama-cpp-python==0.3.36, a source build), or build it once into the cache with `pip wheel "
             f"--no-deps llama-cpp-python==0.3.36 -w {LLAMA_CPP_CACHE}` and unpack the wheel into {LLAMA_CPP_CACHE}/site")
 
