@@ -1,11 +1,13 @@
-"""RLHF side by side vs TRL 1.16: DPO (pairs/s) and the RL rollout-plus-update loop (rollout tokens/s, iterations/min).
+"""RLHF side by side vs TRL 1.16: DPO and ORPO (pairs/s), KTO (examples/s) and the RL rollout-plus-update loop (rollout
+tokens/s, iterations/min).
 
     pip install -e '.[bench]'            # TRL, for the peer side only
-    HF_HUB_OFFLINE=1 python bench/rlhf.py [--only dpo|rl|all] [--steps 12] [--reps 3]
+    HF_HUB_OFFLINE=1 python bench/rlhf.py [--only dpo|kto|orpo|rl|grpo|all] [--steps 12] [--reps 3]
     HF_HUB_OFFLINE=1 python bench/rlhf.py --only rl [--rl-configs tiny,smollm2-lora] [--reps 3]
     HF_HUB_OFFLINE=1 python bench/rlhf.py --only grpo [--rl-configs tiny,smollm2-lora] [--reps 3]   # or --tiny
 
-Results go to bench/results/rlhf.json: {"dpo": {...}, "rl": {...}}; a run of one part keeps the other part's object.
+Results go to bench/results/rlhf.json: {"dpo": {...}, "kto": {...}, "orpo": {...}, "rl": {...}, "grpo": {...}}; a run
+of one part keeps the other parts' objects.
 
 DPO. Both sides: the same Llama built from a config (hidden 256, 4 layers, the tiny ChatML BPE tokenizer, the output
 layer widened to 32,768 rows so its cost is that of a real vocabulary, as in SmolLM2's 49k), full fine-tuning,
@@ -15,6 +17,30 @@ prompts (~100 tokens) and short responses (~20 tokens), the usual shape of prefe
 response positions matters. Timed: the whole training call (reference precompute + steps), interleaved repetitions,
 median. Same work: the first-step loss is log 2 on both sides and the first-step chosen/rejected log-probs are printed
 side by side.
+
+KTO and ORPO (`--only kto`, `--only orpo`): instructkit `kto` / `orpo` (recipes/kto.py, recipes/orpo.py, called
+in-process as the DPO part calls `dpo`) vs TRL 1.16's KTOTrainer / ORPOTrainer (trl.experimental.orpo), on the DPO
+part's model (hidden 256, 4 layers, output layer widened to 32,768 rows), full fine-tuning, fp32, 2 threads, no
+gradient checkpointing, no bf16, lr 1e-4 constant, grad clip 1.0, the same steps and batch (8 examples for KTO, 8 pairs
+for ORPO), KTO beta 0.1 with desirable and undesirable weights 1, ORPO lambda 0.1 (TRL's ORPOConfig.beta). Timed as
+the DPO part: the whole training call, interleaved repetitions after a warm-up, median; KTO in examples/s, ORPO in
+pairs/s. Same batches: instructkit visits the rows in its seeded epoch order (training/packing.epoch_order with
+data.seed 0); TRL reads a copy of the file written in that order, sequentially (train_sampling_strategy=sequential),
+so every step trains both sides on the same examples. Same work, checked on the first step (printed side by side
+and kept under "agreement"):
+- KTO data: unpaired examples, half desirable (a pair's chosen response), half undesirable (another pair's rejected
+  one), each with its own long prompt. Both sides compute reference log-probs once before training (TRL
+  precompute_ref_log_probs=True), for the matched and the mismatched completions. First step: policy = reference, so
+  the KL baseline z0 is 0 and the loss is (lambda_D + lambda_U) / 2 averaged = 0.5 on both sides; the desirable and
+  undesirable mean summed log-probs of the first batch agree, so both scored the same tokens. What cannot be matched:
+  which mismatched completion each example gets for z0 (instructkit: a seeded derangement over the whole data set, z0
+  over the whole step; TRL: completions rotated by one within each batch), so from step 2 on z0 differs slightly; and
+  TRL runs the mismatched forward with autograd on (its result is detached), ours without.
+- ORPO data: the DPO part's pairs with every chosen response of the same token count. The odds-ratio term, the mean
+  log odds ratio and the chosen / rejected per-token mean log-probs of the first step agree. The total first loss does
+  not, by definition: TRL's SFT term is the token-mean NLL over the prompt AND the chosen response (ORPOTrainer's
+  concatenated_forward labels every attended token), ours over the chosen response alone (the paper's L_SFT on y_w);
+  both are recorded (first_nll).
 
 RL. TRL 1.16 ships no PPO (PPOTrainer was removed; trl.experimental has none either), so the peer is TRL's
 GRPOTrainer, the nearest rollout-plus-update loop. The algorithms differ (stated in bench/RESULTS.md): GRPO has no value
@@ -125,22 +151,28 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int) -> d
             "first_logps_rejected": first.get("logps/rejected")}
 
 
+def pref_model(work: Path, vocab: int) -> tuple[Path, int]:
+    """The preference parts' model: the tiny Llama (hidden 256, 4 layers) with the output layer widened to ``vocab``
+    rows (0: the tokenizer's 512); (folder, parameter count)."""
+    from transformers import AutoModelForCausalLM
+
+    from instructkit.models.tiny import create_tiny
+
+    model_dir = create_tiny(work / "model", seed=0, hidden_size=256, num_layers=4)
+    if vocab:  # a real model's output-layer cost: rows beyond the tokenizer are never targets, but cost FLOPs
+        m = AutoModelForCausalLM.from_pretrained(model_dir)
+        torch.manual_seed(0)
+        m.resize_token_embeddings(vocab, mean_resizing=False)
+        m.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir, sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+
+
 def run_dpo(args) -> dict:
     """The DPO comparison (instructkit dpo vs TRL DPOTrainer); returns the summary."""
     torch.set_num_threads(2)
-    from instructkit.models.tiny import create_tiny
 
     work = Path(tempfile.mkdtemp(prefix="bench_rlhf_"))
-    model_dir = create_tiny(work / "model", seed=0, hidden_size=256, num_layers=4)
-    if args.vocab:  # a real model's output-layer cost: rows beyond the tokenizer are never targets, but cost FLOPs
-        from transformers import AutoModelForCausalLM
-
-        m = AutoModelForCausalLM.from_pretrained(model_dir)
-        torch.manual_seed(0)
-        m.resize_token_embeddings(args.vocab, mean_resizing=False)
-        m.save_pretrained(model_dir, safe_serialization=True)
-    n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir)
-                   .parameters())
+    model_dir, n_params = pref_model(work, args.vocab)
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.steps * args.batch)))
     results: dict[str, list[dict]] = {"instructkit": [], "trl": []}
@@ -166,6 +198,213 @@ def run_dpo(args) -> dict:
                         "threads": 2, "vocab_rows": args.vocab, "torch": torch.__version__, "trl": __import__("trl").__version__,
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                         "command": "HF_HUB_OFFLINE=1 python bench/rlhf.py --only dpo"}
+    print(json.dumps(summary, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+# =====================================================================================================================
+# KTO and ORPO: instructkit `kto` / `orpo` vs TRL 1.16 KTOTrainer / ORPOTrainer (experimental), the DPO part's model
+# =====================================================================================================================
+def make_unpaired(n: int, seed: int = 0) -> list[dict]:
+    """``n`` unpaired examples in TRL's conversational prompt/completion/label form (which instructkit reads as the kto
+    format): the DPO part's pairs, each giving its chosen response (desirable) or its rejected one (undesirable),
+    alternately; every prompt is distinct."""
+    return [{"prompt": p["prompt"], "completion": p["chosen"] if i % 2 == 0 else p["rejected"], "label": i % 2 == 0}
+            for i, p in enumerate(make_pairs(n, seed))]
+
+
+def make_orpo_pairs(n: int, seed: int = 0) -> list[dict]:
+    """The DPO part's pairs, but every chosen response is "Yes, " plus the same 10 words in a shuffled order: all
+    chosen responses have the same token count (the tokenizer splits at spaces), so the SFT term's token mean over
+    the batch (TRL) and mean over pairs of per-response token means (instructkit) weigh tokens alike."""
+    rng = random.Random(seed + 1)
+    words = [rng.choice(WORDS) for _ in range(10)]
+    out = make_pairs(n, seed)
+    for p in out:
+        rng.shuffle(words)
+        p["chosen"] = [{"role": "assistant", "content": "Yes, " + " ".join(words)}]
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def capture_first_call(module, name: str, record: dict, fn):
+    """Wrap ``module.name`` (a loss the recipe calls); ``fn(args, result)`` fills ``record`` on the first call made
+    with gradients (the first training micro-batch). Returns the function that restores the original."""
+    orig = getattr(module, name)
+
+    def wrapped(*a, **kw):
+        res = orig(*a, **kw)
+        if not record and torch.is_grad_enabled() and a[0].requires_grad:
+            record.update(fn(a, res))
+        return res
+
+    setattr(module, name, wrapped)
+    return lambda: setattr(module, name, orig)
+
+
+def ik_pref_overrides(model_dir: Path, out: Path, steps: int, batch: int) -> list[str]:
+    return [f"model.path={model_dir}", f"train.output_dir={out}", "train.run_name=ik", f"train.max_steps={steps}",
+            f"train.micro_batch_size={batch}", "train.grad_accum=1", "train.lr=0.0001", "train.schedule=constant",
+            "train.resume=never", "train.max_grad_norm=1.0", "train.save_every=0", "train.seed=0", "data.seed=0",
+            "data.validation_fraction=0", "data.max_length=512"]
+
+
+def ik_first_record(out: Path) -> dict:
+    recs = [json.loads(x) for x in (out / "ik" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return next(r for r in recs if r.get("step") == 1 and "loss" in r)
+
+
+def run_instructkit_kto(model_dir: Path, data: Path, out: Path, steps: int, batch: int, beta: float) -> dict:
+    from instructkit.config import DataSource, KTOConfig, load_config
+    from instructkit.recipes import kto
+
+    cfg = load_config(KTOConfig, None, ik_pref_overrides(model_dir, out, steps, batch)
+                      + [f"beta={beta}", "desirable_weight=1.0", "undesirable_weight=1.0"])
+    cfg.data.sources = [DataSource(path=str(data))]
+
+    def first(a, res):  # kto_loss(policy_logps, ref_logps, desirable, kl_baseline, ...)
+        pol, d = a[0].detach(), a[2].to(torch.bool)
+        return {"first_logps_desirable": float(pol[d].mean()), "first_logps_undesirable": float(pol[~d].mean()),
+                "first_kl": float(a[3])}
+
+    captured: dict = {}
+    restore = capture_first_call(kto, "kto_loss", captured, first)
+    try:
+        t0 = time.perf_counter()
+        kto.main(cfg)
+        seconds = time.perf_counter() - t0
+    finally:
+        restore()
+    return {"seconds": seconds, "first_loss": ik_first_record(out)["loss"], **captured}
+
+
+def run_trl_kto(model_dir: Path, data: Path, out: Path, steps: int, batch: int, beta: float) -> dict:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ds = load_dataset("json", data_files=str(data), split="train")
+    args = KTOConfig(output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler_type="constant",
+                     warmup_steps=0, beta=beta, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,
+                     precompute_ref_log_probs=True, train_sampling_strategy="sequential", bf16=False,
+                     gradient_checkpointing=False, max_length=512, logging_steps=1, report_to=[],
+                     save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0, max_grad_norm=1.0,
+                     disable_tqdm=True)
+    trainer = KTOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    first = next(h for h in trainer.state.log_history if "loss" in h)
+    return {"seconds": seconds, "first_loss": first["loss"], "first_logps_desirable": first.get("logps/chosen"),
+            "first_logps_undesirable": first.get("logps/rejected"), "first_kl": first.get("kl")}
+
+
+def run_instructkit_orpo(model_dir: Path, data: Path, out: Path, steps: int, batch: int, lam: float) -> dict:
+    from instructkit.config import DataSource, ORPOConfig, load_config
+    from instructkit.recipes import orpo
+
+    cfg = load_config(ORPOConfig, None, ik_pref_overrides(model_dir, out, steps, batch) + [f"lam={lam}"])
+    cfg.data.sources = [DataSource(path=str(data))]
+
+    def first(a, res):  # orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, lam)
+        return {"first_avg_logps_chosen": float(a[0].detach().mean()),
+                "first_avg_logps_rejected": float(a[1].detach().mean())}
+
+    captured: dict = {}
+    restore = capture_first_call(orpo, "orpo_loss", captured, first)
+    try:
+        t0 = time.perf_counter()
+        orpo.main(cfg)
+        seconds = time.perf_counter() - t0
+    finally:
+        restore()
+    rec = ik_first_record(out)
+    return {"seconds": seconds, "first_loss": rec["loss"], "first_nll": rec["nll"], "first_or_loss": rec["or_loss"],
+            "first_log_odds": rec["log_odds_ratio"], **captured}
+
+
+def run_trl_orpo(model_dir: Path, data: Path, out: Path, steps: int, batch: int, lam: float) -> dict:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ds = load_dataset("json", data_files=str(data), split="train")
+    args = ORPOConfig(output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=batch,
+                      gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler_type="constant",
+                      warmup_steps=0, beta=lam, train_sampling_strategy="sequential", bf16=False,
+                      gradient_checkpointing=False, max_length=512, logging_steps=1, report_to=[],
+                      save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0, max_grad_norm=1.0,
+                      disable_tqdm=True, remove_unused_columns=False)
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    first = next(h for h in trainer.state.log_history if "loss" in h)
+    # TRL's "log_odds_ratio" is mean log sigmoid(log odds ratio) (minus the OR term), "log_odds_chosen" the mean ratio
+    return {"seconds": seconds, "first_loss": first["loss"], "first_nll": first.get("nll_loss"),
+            "first_or_loss": -first["log_odds_ratio"] if "log_odds_ratio" in first else None,
+            "first_log_odds": first.get("log_odds_chosen"),
+            "first_avg_logps_chosen": first.get("logps/chosen"), "first_avg_logps_rejected": first.get("logps/rejected")}
+
+
+PREF_AGREE = {"kto": ("first_loss", "first_logps_desirable", "first_logps_undesirable", "first_kl"),
+              "orpo": ("first_or_loss", "first_log_odds", "first_avg_logps_chosen", "first_avg_logps_rejected")}
+
+
+def run_pref(args, algo: str) -> dict:
+    """The KTO or ORPO comparison; returns the summary (the first-step numbers of both sides under "agreement")."""
+    torch.set_num_threads(2)
+    from instructkit.training.packing import epoch_order
+
+    work = Path(tempfile.mkdtemp(prefix=f"bench_rlhf_{algo}_"))
+    model_dir, n_params = pref_model(work, args.vocab)
+    n = args.steps * args.batch
+    records = make_unpaired(n) if algo == "kto" else make_orpo_pairs(n)
+    # instructkit visits the rows in epoch_order(n, data.seed=0, epoch 0); TRL reads them sequentially from a file in
+    # that order: both sides train on the same examples at every step, in the same batches.
+    data_ik = write_jsonl(work / "data_ik.jsonl", records)
+    data_trl = write_jsonl(work / "data_trl.jsonl", [records[i] for i in epoch_order(n, 0, 0)])
+    coef = args.kto_beta if algo == "kto" else args.orpo_lambda
+    sides = {"kto": (run_instructkit_kto, run_trl_kto), "orpo": (run_instructkit_orpo, run_trl_orpo)}[algo]
+    results: dict[str, list[dict]] = {"instructkit": [], "trl": []}
+    sides[0](model_dir, data_ik, work / "w", 1, args.batch, coef)  # warm-up
+    for rep in range(args.reps):
+        for name, fn, data in (("instructkit", sides[0], data_ik), ("trl", sides[1], data_trl)):
+            d = work / f"{name}_{rep}"
+            r = fn(model_dir, data, d, args.steps, args.batch, coef)
+            results[name].append(r)
+            print(algo, name, rep, json.dumps(r), flush=True)
+            shutil.rmtree(d, ignore_errors=True)
+    unit = "examples_per_s" if algo == "kto" else "pairs_per_s"
+    summary: dict = {}
+    for name, runs in results.items():
+        med = statistics.median(r["seconds"] for r in runs)
+        summary[name] = {"median_seconds": med, unit: n / med, **{k: v for k, v in runs[0].items() if k != "seconds"},
+                         "all_seconds": [r["seconds"] for r in runs]}
+    summary["speedup"] = summary["trl"]["median_seconds"] / summary["instructkit"]["median_seconds"]
+    summary["agreement"] = {k: {"instructkit": summary["instructkit"].get(k), "trl": summary["trl"].get(k)}
+                            for k in PREF_AGREE[algo]}
+    for k, v in summary["agreement"].items():
+        if v["instructkit"] is not None and v["trl"] is not None:
+            v["abs_diff"] = abs(v["instructkit"] - v["trl"])
+    coef_name = "beta" if algo == "kto" else "lambda"
+    summary["setup"] = {"params": n_params, "steps": args.steps, "batch": args.batch, "unit": unit.split("_")[0],
+                        coef_name: coef, "reps": args.reps, "threads": 2, "vocab_rows": args.vocab,
+                        "torch": torch.__version__, "trl": __import__("trl").__version__,
+                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "command": f"HF_HUB_OFFLINE=1 python bench/rlhf.py --only {algo} --steps {args.steps}"
+                                   f" --batch {args.batch} --reps {args.reps}",
+                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(summary, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return summary
@@ -595,13 +834,15 @@ def run_rl(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["dpo", "rl", "grpo", "all"], default="all")
+    ap.add_argument("--only", choices=["dpo", "kto", "orpo", "rl", "grpo", "all"], default="all")
     ap.add_argument("--tiny", action="store_true",
                     help="GRPO: a dry run on the tiny random model (checks the script; writes no results)")
-    ap.add_argument("--steps", type=int, default=12, help="DPO: optimizer steps per run")
-    ap.add_argument("--batch", type=int, default=8, help="DPO: pairs per step")
+    ap.add_argument("--steps", type=int, default=12, help="DPO, KTO, ORPO: optimizer steps per run")
+    ap.add_argument("--batch", type=int, default=8, help="DPO, ORPO: pairs per step; KTO: examples per step")
+    ap.add_argument("--kto-beta", type=float, default=0.1, help="KTO: beta (both sides)")
+    ap.add_argument("--orpo-lambda", type=float, default=0.1, help="ORPO: lambda (TRL's ORPOConfig.beta)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--vocab", type=int, default=32768, help="DPO: output-layer rows (0: the tokenizer's 512)")
+    ap.add_argument("--vocab", type=int, default=32768, help="DPO, KTO, ORPO: output-layer rows (0: the tokenizer's 512)")
     ap.add_argument("--rl-configs", default=",".join(RL_CONFIGS), help="RL: comma-separated: " + ", ".join(RL_CONFIGS))
     ap.add_argument("--rl-iterations", type=int, default=0, help="RL: iterations per child (0: per config)")
     ap.add_argument("--nice", type=int, default=5, help="RL: niceness of the child processes")
@@ -636,6 +877,10 @@ def main() -> None:
     if args.only in ("dpo", "all"):
         keep("dpo")
         results["dpo"] = run_dpo(args)
+    for algo in ("kto", "orpo"):
+        if args.only in (algo, "all"):
+            keep(algo)
+            results[algo] = run_pref(args, algo)
     if args.only in ("rl", "all"):
         rl = run_rl(args)
         for name in rl:
