@@ -29,14 +29,19 @@ data.seed 0); TRL reads a copy of the file written in that order, sequentially (
 so every step trains both sides on the same examples. Same work, checked on the first step (printed side by side
 and kept under "agreement"):
 - KTO data: unpaired examples, half desirable (a pair's chosen response), half undesirable (another pair's rejected
-  one), each with its own long prompt. Both sides compute reference log-probs once before training (TRL
+  one), each with its own long prompt; given to TRL as text rendered with the chat template (prompt up to the
+  assistant header, completion up to its end-of-turn token), so both sides score the same token ids (TRL's
+  conversational path would also score the template's newline after the end-of-turn token). Both sides compute reference log-probs once before training (TRL
   precompute_ref_log_probs=True), for the matched and the mismatched completions. First step: policy = reference, so
   the KL baseline z0 is 0 and the loss is (lambda_D + lambda_U) / 2 averaged = 0.5 on both sides; the desirable and
   undesirable mean summed log-probs of the first batch agree, so both scored the same tokens. What cannot be matched:
   which mismatched completion each example gets for z0 (instructkit: a seeded derangement over the whole data set, z0
   over the whole step; TRL: completions rotated by one within each batch), so from step 2 on z0 differs slightly; and
   TRL runs the mismatched forward with autograd on (its result is detached), ours without.
-- ORPO data: the DPO part's pairs with every chosen response of the same token count. The odds-ratio term, the mean
+- ORPO data: the DPO part's pairs with every chosen response of the same token count, given to TRL as text rendered
+  with the chat template (prompt up to the assistant header, response up to its end-of-turn token) and a tokenizer
+  without a bos token, so that ORPOTrainer's tokenisation (which appends eos after the template's trailing newline
+  and prepends bos to every prompt) yields the same token ids as ours. The odds-ratio term, the mean
   log odds ratio and the chosen / rejected per-token mean log-probs of the first step agree. The total first loss does
   not, by definition: TRL's SFT term is the token-mean NLL over the prompt AND the chosen response (ORPOTrainer's
   concatenated_forward labels every attended token), ours over the chosen response alone (the paper's L_SFT on y_w);
@@ -291,6 +296,10 @@ def run_trl_kto(model_dir: Path, data: Path, out: Path, steps: int, batch: int, 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ds = load_dataset("json", data_files=str(data), split="train")
+    # The same tokens as instructkit: the prompt rendered by the chat template up to the assistant header, the
+    # completion up to its end-of-turn token (TRL's conversational path also scores the template's trailing newline)
+    ds = ds.map(lambda r: {"prompt": tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
+                           "completion": r["completion"][0]["content"] + tok.eos_token})
     args = KTOConfig(output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=batch,
                      gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler_type="constant",
                      warmup_steps=0, beta=beta, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,
@@ -339,6 +348,13 @@ def run_trl_orpo(model_dir: Path, data: Path, out: Path, steps: int, batch: int,
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ds = load_dataset("json", data_files=str(data), split="train")
+    # The same tokens as instructkit: the prompt rendered by the chat template up to the assistant header, each
+    # response up to its end-of-turn token (TRL's conversational path would add the template's trailing newline and
+    # then an eos after it); no bos (the template never renders it; ORPOTrainer prepends bos_token_id to every prompt)
+    ds = ds.map(lambda r: {"prompt": tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
+                           "chosen": r["chosen"][0]["content"] + tok.eos_token,
+                           "rejected": r["rejected"][0]["content"] + tok.eos_token})
+    tok.bos_token = None
     args = ORPOConfig(output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=batch,
                       gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler_type="constant",
                       warmup_steps=0, beta=lam, train_sampling_strategy="sequential", bf16=False,
