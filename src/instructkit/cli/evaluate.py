@@ -159,6 +159,36 @@ def _run_all(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def _add_gsm8k(sub) -> None:
+    p = sub.add_parser("gsm8k", help="GSM8K accuracy: greedy answers, final-answer match (eval/gsm8k.py)")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="GSM8K JSONL(.gz) of {question, answer ending in '#### N'}")
+    p.add_argument("--limit", type=int, default=200, help="the first N problems: a fixed subset (default 200)")
+    p.add_argument("--save-dir", default=None,
+                   help="write <save-dir>/eval/gsm8k.json instead of next to the model")
+    p.set_defaults(func=_gsm8k)
+
+
+def _gsm8k(args) -> int:
+    from instructkit.eval.gsm8k import gsm8k_accuracy, load_problems
+
+    problems = load_problems(args.data, args.limit)
+    model, tokenizer = _load(args)
+    metrics, samples = gsm8k_accuracy(model, tokenizer, problems, max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.batch_size, template=args.template)
+    metrics["data"] = str(args.data)
+    if args.save_dir and not args.no_save:
+        from instructkit.eval.report import save_eval
+
+        print(f"saved {save_eval(args.save_dir, 'gsm8k', metrics, samples=samples, model=str(args.model))}",
+              file=sys.stderr)
+    else:
+        _save(args, "gsm8k", metrics, samples=samples)
+    _print_result(args, metrics, "GSM8K")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 def _add_winrate(sub) -> None:
     p = sub.add_parser("winrate", help="win rate of model A over model B under a reward model or an LLM judge")
     p.add_argument("--responses-a", required=True,
@@ -201,12 +231,13 @@ def _winrate(args) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("evaluate", help="evaluate a model: ifeval, perplexity, stop-rate, refusal, winrate, run (all), heldout")
+    parser = subparsers.add_parser("evaluate", help="evaluate a model: ifeval, perplexity, stop-rate, refusal, gsm8k, winrate, run (all), heldout")
     sub = parser.add_subparsers(dest="evaluation", metavar="EVALUATION")
     _add_ifeval(sub)
     _add_perplexity(sub)
     _add_stop_rate(sub)
     _add_refusal(sub)
+    _add_gsm8k(sub)
     _add_winrate(sub)
     _add_run(sub)
     from instructkit.cli.tasks import add_heldout_parser  # the task bank's held-out evaluation (cli/tasks.py)

@@ -25,6 +25,9 @@ lima (LIMA, Zhou et al. 2023): curated vs random vs the whole pool at equal comp
 
 instructgpt (InstructGPT, Ouyang et al. 2022): SFT -> reward model -> PPO, then an SFT-vs-PPO report; the pipeline is
 recipes/instructgpt.py.
+
+grpo-report (RL with verifiable rewards: GRPO on IFEval-style constraints or GSM8K): training curves and an evaluation
+before vs after; cli/grpo_report.py.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("experiment", help="multi-run experiments: flan-scaling, lima, curate, instructgpt")
+    parser = subparsers.add_parser("experiment", help="multi-run experiments: flan-scaling, lima, curate, instructgpt, grpo-report")
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     p = sub.add_parser("flan-scaling", help="held-out cluster score vs number of instruction-tuning clusters")
     p.add_argument("--config", default=None, help="YAML config (configs/flan_scaling.yaml, configs/tiny_flan_scaling.yaml)")
@@ -57,6 +60,9 @@ def register(subparsers) -> None:
                    help="YAML config (configs/instructgpt.yaml, configs/tiny_instructgpt.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_instructgpt)
+    from instructkit.cli.grpo_report import register as register_grpo_report  # RLVR experiment reports
+
+    register_grpo_report(sub)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
