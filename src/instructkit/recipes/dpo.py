@@ -8,6 +8,14 @@ non-finite guard, atomic checkpoints, exact resume) -> held-out margins and accu
 Log-probs are taken on response tokens only: chosen and rejected share one forward pass (2n rows, prompt left-padded,
 responses right-padded), and the output layer runs on the response columns alone (models/value_head.py).
 Losses: sigmoid (DPO) with optional label smoothing (cDPO), or IPO on per-token mean log-probs (losses.dpo_loss).
+
+``train.sharding: fsdp2`` and ``train.gradient_checkpointing`` (training/sharding.py, docs/distributed.md): the policy
+is sharded after the reference log-probs are precomputed; every forward of the policy (training, held-out evaluation,
+an online reference through the LoRA-disabled policy) runs through the FSDP root (``sharding.route``). The reference
+model, when it is a separate model (``reference_path``, or a frozen copy for ``reference: online`` without LoRA), is
+NOT sharded: each rank keeps it whole, in eval mode without gradients. That is the simplest correct choice: its
+forwards need no collective, so they cannot break the ranks' lockstep, and it costs the memory of one frozen copy (with
+the default ``reference: precompute`` there is no reference model at all).
 """
 
 from __future__ import annotations
@@ -26,8 +34,13 @@ from instructkit.data.sources import read_sources, split_validation
 from instructkit.losses import dpo_loss
 from instructkit.models.value_head import response_logprobs
 from instructkit.rl.rollout import prompt_response_batch
+from instructkit.training import sharding
 
 log = logging.getLogger(__name__)
+
+# dpo_loss's metrics, logged as pair-weighted means over all ranks (named: a rank without micro-batches sums zeros)
+METRIC_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
+               "logps_rejected")
 
 
 def pair_batch(items: list[EncodedPair], ref: list[tuple[float, float]] | None, pad_id: int) -> dict[str, Any]:
@@ -70,6 +83,7 @@ class Reference:
 
     @torch.no_grad()
     def logps(self, batch: dict[str, Any], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under sharding, call this inside the FSDP root (a routed function) when the policy serves as reference."""
         if self.model is not None:
             return sequence_logps(self.model, batch, average)
         # the policy itself: with LoRA the adapter is disabled; without LoRA this runs before the first update
@@ -92,12 +106,16 @@ def evaluate(policy, reference: Reference, items: list[EncodedPair], ref: list |
     policy.eval()
     avg = cfg.loss_type == "ipo"
     total: dict[str, float] = {}
+
+    def pair_loss(m, batch):  # every rank runs every held-out batch: the same passes, lockstep under sharding
+        pc, pr = sequence_logps(m, batch, avg)
+        rc, rr = (batch["ref_chosen"], batch["ref_rejected"]) if ref is not None else reference.logps(batch, avg)
+        return dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss_type)
+
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         batch = pair_batch(chunk, ref[i:i + batch_size] if ref is not None else None, pad_id)
-        pc, pr = sequence_logps(policy, batch, avg)
-        rc, rr = (batch["ref_chosen"], batch["ref_rejected"]) if ref is not None else reference.logps(batch, avg)
-        loss, m = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss_type)
+        loss, m = sharding.route(pair_loss)(policy, batch)
         for k, v in {"loss": loss, **m}.items():
             total[k] = total.get(k, 0.0) + float(v) * len(chunk)
     policy.train(was)
@@ -110,7 +128,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     from instructkit.models.load import load_model_and_tokenizer
     from instructkit.training.run import Run, data_fingerprint
 
-    run = Run.start(cfg, "dpo")
+    run = Run.start(cfg, "dpo", shardable=True)
     run_dir = run.run_dir
     avg = cfg.loss_type == "ipo"
 
@@ -147,6 +165,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     ref_val = precompute(val_items) if cfg.reference == "precompute" else None
     if cfg.reference == "precompute" and not cfg.lora.enabled and not cfg.reference_path:
         reference.policy = None  # never used again: the policy moves away from the reference
+    policy = run.prepare(policy)  # activation checkpointing, FSDP2 (after the precomputed reference log-probs)
 
     def held_out() -> dict[str, float]:
         return evaluate(policy, reference, val_items, ref_val, cfg, pad_id)
@@ -158,14 +177,16 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
         initial_eval = held_out()
         run.log({"step": 0, **initial_eval})
 
-    step_metrics: list[dict[str, float]] = []
+    step_metrics: dict[int, dict[str, float]] = {}  # by micro-batch: a sharded filler pass repeats one, not counted
 
     def loss_fn(m, batch):
         pc, pr = sequence_logps(m, batch, avg)
         rc, rr = (batch["ref_chosen"], batch["ref_rejected"]) if "ref_chosen" in batch else reference.logps(batch, avg)
         loss, metrics = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss_type)
-        step_metrics.append({k: float(v) * batch["n"] for k, v in metrics.items()})
+        step_metrics[id(batch)] = {k: float(v) * batch["n"] for k, v in metrics.items()}
         return loss * batch["n"], torch.tensor(batch["n"])
+
+    loss_fn = sharding.route(loss_fn)  # under fsdp2 the root's hooks wrap the whole loss
 
     policy.train()
     for step in range(start, run.total_steps):
@@ -178,7 +199,8 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
         rec = run.step_record(done, res)
         rec["pairs"] = res.units
         rec["pairs_per_s"] = res.units / res.seconds if res.seconds > 0 else None
-        rec.update(run.dist.sum_metrics(step_metrics, res.units))  # pair-weighted means over all ranks
+        rec.update(run.dist.sum_metrics([step_metrics[id(b)] for b in mbs if id(b) in step_metrics],
+                                        res.units, METRIC_KEYS))  # pair-weighted means over all ranks
         if run.due("eval", done):
             rec.update(held_out())
         run.after_step(done, rec, state={"initial_eval": initial_eval}, throughput="pairs_per_s")
@@ -186,5 +208,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     # -- held-out evaluation and save
     final_eval = held_out()
     run.log({"step": run.total_steps, "final": True, **final_eval})
-    return run.finish(policy, tok, {"train_pairs": len(train_items), "initial_eval": initial_eval, **final_eval},
+    return run.finish(policy, tok, {"train_pairs": len(train_items), "initial_eval": initial_eval, **final_eval,
+                                    "sharding": cfg.train.sharding,
+                                    "gradient_checkpointing": cfg.train.gradient_checkpointing},
                       template=renderer.template)
