@@ -92,7 +92,8 @@ class ContinuousBatch:
             return
         if not any(s is not None and s.finish_reason is None for s in self.slots):
             self._reset()
-        if self.fast is None:
+            self.fast = None
+        if self.fast is None:  # a new batch: the decoder, its fused weights refreshed if the model's changed
             self.fast = FastDecoder.build(eng.model)
             if self.fast is None:
                 raise RuntimeError("continuous batching needs a model the lean decode step supports")
