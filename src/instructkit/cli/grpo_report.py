@@ -173,13 +173,36 @@ def plot_eval(name: str, before: dict[str, float], after: dict[str, float], path
     plt.close(fig)
 
 
+def per_instruction_table(before: dict, after: dict) -> dict[str, Any]:
+    """IFEval strict accuracy per instruction type before and after, and pooled (instruction-weighted) over the types
+    the constraint catalogue trains on (data/constraints.py) and over the others."""
+    from instructkit.data.constraints import KINDS
+
+    pb = (before.get("details") or {}).get("per_instruction") or {}
+    pa = (after.get("details") or {}).get("per_instruction") or {}
+    rows = [{"instruction": k, "n": pb[k]["n"], "before": pb[k]["strict_acc"], "after": pa[k]["strict_acc"],
+             "in_training_catalogue": k in KINDS} for k in pb if k in pa]
+    pooled = {}
+    for label, flag in (("catalogue_types", True), ("other_types", False)):
+        sel = [r for r in rows if r["in_training_catalogue"] == flag]
+        n = sum(r["n"] for r in sel)
+        if n:
+            pooled[label] = {"types": len(sel), "instructions": n,
+                             "before": sum(r["before"] * r["n"] for r in sel) / n,
+                             "after": sum(r["after"] * r["n"] for r in sel) / n}
+    return {"rows": rows, "pooled": pooled}
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def _sample_pairs(name: str, before: dict, after: dict, n: int) -> list[dict[str, Any]]:
     """Samples for prompts both evaluations answered: first those whose verdict changed, then the rest, file order."""
-    verdict = (lambda s: s.get("correct")) if name == "gsm8k" else (lambda s: s.get("strict"))
+    def verdict(s):  # gsm8k: correct; ifeval: every instruction of the prompt followed (strict)
+        v = s.get("correct") if name == "gsm8k" else s.get("strict")
+        return all(v) if isinstance(v, list) else v
+
     after_by = {s["prompt"]: s for s in after.get("samples", [])}
     pairs = [(b, after_by[b["prompt"]]) for b in before.get("samples", []) if b["prompt"] in after_by]
     changed = [p for p in pairs if verdict(p[0]) != verdict(p[1])]
@@ -219,6 +242,7 @@ def write_grpo_report(run: str | Path, before_dir: str | Path, after_dir: str | 
                              "response_length", "ended_fraction", "groups_dropped", "rollout_tokens_per_s")
               if (s := curve_summary(rows, k)) is not None}
     samples = _sample_pairs(name, before, after, n_samples)
+    per_inst = per_instruction_table(before, after) if name == "ifeval" else None
     results = {
         "title": title, "eval": name,
         "before": {k: bm[k] for k in bm if isinstance(bm[k], (int, float, str))},
@@ -230,6 +254,8 @@ def write_grpo_report(run: str | Path, before_dir: str | Path, after_dir: str | 
         "data": list(data_lines), "data_stats": data_stats, "run": str(run),
         "before_model": before.get("model"), "after_model": after.get("model"),
     }
+    if per_inst:
+        results["per_instruction_strict"] = per_inst
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
 
     md = [f"# {title}", ""]
@@ -241,7 +267,18 @@ def write_grpo_report(run: str | Path, before_dir: str | Path, after_dir: str | 
     md += [f"| {k} | {_fmt(bm[k])} | {_fmt(am[k])} | {am[k] - bm[k]:+.4f} |" for k in keys]
     extra = [k for k in bm if k not in keys and isinstance(bm[k], (int, float)) and k in am]
     md += [f"| {k} | {_fmt(bm[k])} | {_fmt(am[k])} | |" for k in extra]
-    md += ["", "![before and after](eval.png)", "", "## Training curves", "",
+    md += ["", "![before and after](eval.png)"]
+    if per_inst and per_inst["rows"]:
+        md += ["", "### Strict accuracy per instruction type", "",
+               "Pooled over instructions; *catalogue* = the constraint types the training prompts carry "
+               "(data/constraints.py), *other* = IFEval types never seen in training.", "",
+               "| types | instructions | before | after | change |", "|---|---|---|---|---|"]
+        md += [f"| {k} ({p['types']}) | {p['instructions']} | {p['before']:.4f} | {p['after']:.4f} | "
+               f"{p['after'] - p['before']:+.4f} |" for k, p in per_inst["pooled"].items()]
+        md += ["", "| instruction | in catalogue | n | before | after |", "|---|---|---|---|---|"]
+        md += [f"| {r['instruction']} | {'yes' if r['in_training_catalogue'] else 'no'} | {r['n']} | "
+               f"{r['before']:.3f} | {r['after']:.3f} |" for r in per_inst["rows"]]
+    md += ["", "## Training curves", "",
            f"{len(rows)} iterations; {', '.join(panels)} (thin: per iteration; thick: trailing mean over "
            f"{max(1, len(rows) // 8)}).", "", "![curves](curves.png)", "",
            "| quantity | first-quarter mean | last-quarter mean | min | max |", "|---|---|---|---|---|"]
