@@ -87,3 +87,19 @@ def test_gsm8k_eval_and_report_through_the_cli(tmp_path, capsys):
     assert cli(["experiment", "grpo-report", "--run", str(run), "--before", str(tmp_path / "nowhere"),
                 "--after", str(tmp_path / "after"), "--eval", "gsm8k", "--out", str(out)]) == 2
     assert "no gsm8k evaluation" in capsys.readouterr().out
+
+
+def test_ifeval_per_instruction_pooling():
+    from instructkit.cli.grpo_report import per_instruction_table
+
+    def ev(acc):  # punctuation:no_comma is in the training catalogue, combination:repeat_prompt is not
+        return {"details": {"per_instruction": {
+            "punctuation:no_comma": {"n": 3, "strict_acc": acc[0]},
+            "keywords:existence": {"n": 1, "strict_acc": acc[1]},
+            "combination:repeat_prompt": {"n": 2, "strict_acc": acc[2]}}}}
+
+    t = per_instruction_table(ev([1 / 3, 0.0, 0.5]), ev([1.0, 1.0, 0.0]))
+    cat, other = t["pooled"]["catalogue_types"], t["pooled"]["other_types"]
+    assert (cat["types"], cat["instructions"]) == (2, 4)
+    assert cat["before"] == pytest.approx(1 / 4) and cat["after"] == pytest.approx(1.0)  # (1+0)/4, (3+1)/4
+    assert (other["instructions"], other["before"], other["after"]) == (2, 0.5, 0.0)
