@@ -117,3 +117,31 @@ def test_dpo_fsdp2_sigkill_then_resume_equals_uninterrupted(tmp_path, pairs):
     assert losses(run_dir) == losses(tmp_path / "runs" / "ref") and len(losses(run_dir)) == 8
     a, b = final_weights(tmp_path / "runs" / "ref"), final_weights(run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reward model
+# ---------------------------------------------------------------------------------------------------------------------
+RM_KEYS = ("loss", "grad_norm", "accuracy", "reward_margin", "eval_loss", "eval_accuracy", "reward_mean", "reward_std")
+
+
+def test_reward_model_fsdp2_two_processes_with_checkpointing_equal_one_plain_process(tmp_path, pairs):
+    """`torchrun --nproc_per_node 2 ... reward-model train.sharding=fsdp2 train.gradient_checkpointing=true` x
+    grad_accum 1 == one plain process x grad_accum 2: per-step losses, gradient norms, accuracies, held-out numbers and
+    the reward statistics within 1e-5; final/ loads with AutoModelForSequenceClassification and scores like the
+    unsharded run's final/ within 1e-5."""
+    from transformers import AutoModelForSequenceClassification
+
+    run_cli([sys.executable], "reward-model", write_config(tmp_path, "single", pairs, {"grad_accum": 2}))
+    run_cli(_torchrun(2), "reward-model", write_config(tmp_path, "multi", pairs, {
+        "grad_accum": 1, "sharding": "fsdp2", "gradient_checkpointing": True}))
+    single, multi = tmp_path / "runs" / "single", tmp_path / "runs" / "multi"
+    assert_same_records(_records(single), _records(multi), RM_KEYS)
+    a, b = final_weights(single), final_weights(multi)
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+    ids = torch.randint(5, 500, (2, 9))
+    scores = [AutoModelForSequenceClassification.from_pretrained(d / "final", dtype=torch.float32).eval()(
+        input_ids=ids).logits for d in (single, multi)]
+    assert scores[0].shape == (2, 1) and (scores[0] - scores[1]).abs().max() < 1e-5
+    summary = json.loads((multi / "summary.json").read_text())
+    assert summary["sharding"] == "fsdp2" and summary["gradient_checkpointing"] and summary["world_size"] == 2

@@ -6,6 +6,11 @@ Phases: config -> data (pairs regrouped by prompt, rendered with the chat templa
 groups, schedule, clipping, non-finite guard, metrics; training/checkpoint.py: atomic checkpoints and exact resume) ->
 held-out accuracy -> reward normalisation -> save.
 
+``train.sharding: fsdp2`` and ``train.gradient_checkpointing`` (training/sharding.py, docs/distributed.md): every
+forward (training, held-out accuracy, the reward statistics) runs through the FSDP root (``sharding.route``), whose unit
+holds the embeddings and the score head; final/ is gathered into a plain copy on rank 0 (LoRA merged) and saved in the
+same AutoModelForSequenceClassification layout.
+
 Groups (InstructGPT, Ouyang et al. 2022, sec. 3.5). A ranking of K responses to one prompt (the ``ranked`` format)
 arrives as its K-choose-2 pairs sharing ``meta["group"]``; they are regrouped into one group: the prompt, its K
 distinct responses and the (better, worse) pairs among them. A plain pair is a group of 2 responses and 1 pair. The
@@ -41,6 +46,7 @@ from instructkit.data.sources import split_validation
 from instructkit.losses import pairwise_reward_loss
 from instructkit.models.value_head import backbone_and_score, load_sequence_classifier, sequence_scores
 from instructkit.rl.rollout import prompt_response_batch
+from instructkit.training import sharding
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +143,15 @@ def group_loss(better: torch.Tensor, worse: torch.Tensor, batch: dict[str, Any],
     return loss, {k: v.item() * n for k, v in metrics.items()}
 
 
-def micro_batch_loss(model, batch: dict[str, Any], use_margin: bool = False, sink: list | None = None
+def micro_batch_loss(model, batch: dict[str, Any], use_margin: bool = False, sink: dict | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """training/loop.py's loss function: (sum over the micro-batch's groups of their mean pair loss, group count);
-    the loop divides by the step's group count. The metric sums go to ``sink``."""
+    the loop divides by the step's group count. The metric sums go to ``sink[id(batch)]`` (keyed by micro-batch: a
+    sharded filler pass repeats a micro-batch and must not count twice)."""
     better, worse = group_rewards(model, batch)
     loss, sums = group_loss(better, worse, batch, use_margin)
     if sink is not None:
-        sink.append(sums)
+        sink[id(batch)] = sums
     return loss, torch.tensor(batch["n"])
 
 
@@ -167,8 +174,8 @@ def evaluate_groups(model, groups: list[EncodedGroup], pad_id: int, max_rows: in
     was = model.training
     model.eval()
     better, worse = [], []
-    for chunk in row_chunks(groups, max_rows):
-        b, w = group_rewards(model, group_batch(chunk, pad_id))
+    for chunk in row_chunks(groups, max_rows):  # every rank runs every chunk: lockstep under sharding
+        b, w = sharding.route(group_rewards)(model, group_batch(chunk, pad_id))
         better.append(b)
         worse.append(w)
     model.train(was)
@@ -186,7 +193,7 @@ def reward_statistics(model, groups: list[EncodedGroup], pad_id: int, max_rows: 
     scores = []
     for chunk in row_chunks(groups, max_rows):
         batch = group_batch(chunk, pad_id)
-        scores.append(sequence_scores(model, batch["input_ids"], batch["attention_mask"]))
+        scores.append(sharding.route(sequence_scores)(model, batch["input_ids"], batch["attention_mask"]))
     s = torch.cat(scores)
     return s.mean().item(), (s.std().item() if s.numel() > 1 else 1.0) or 1.0
 
@@ -214,7 +221,7 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
     from instructkit.data.sources import read_sources
     from instructkit.training.run import Run, data_fingerprint
 
-    run = Run.start(cfg, "reward-model")
+    run = Run.start(cfg, "reward-model", shardable=True)
     run_dir = run.run_dir
 
     # -- data (read and checked before the model is loaded)
@@ -227,6 +234,7 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
 
     # -- model, then the data rendered with its tokenizer
     model, tok = build_model(cfg, run)
+    model = run.prepare(model)  # activation checkpointing, FSDP2 (the score head is in the root unit)
     renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
     pad_id = tok.pad_token_id
     train_items, dropped = encode_groups(renderer, train_groups, cfg.data.max_length)
@@ -248,8 +256,8 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
 
     # -- loop (the unit is the group: micro_batch_size counts groups)
     start = run.setup(model, n_items=len(train_items), fingerprint=data_fingerprint(train_items))
-    step_metrics: list[dict[str, float]] = []
-    loss_fn = partial(micro_batch_loss, use_margin=cfg.use_margin, sink=step_metrics)
+    step_metrics: dict[int, dict[str, float]] = {}
+    loss_fn = sharding.route(partial(micro_batch_loss, use_margin=cfg.use_margin, sink=step_metrics))
     model.train()
     for step in range(start, run.total_steps):
         mbs = [group_batch([train_items[i] for i in rows], pad_id) for rows in run.micro_batches(step)]
@@ -258,17 +266,19 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
                                  token_fn=lambda b: int(b["attention_mask"].sum()))  # units: groups
         done = step + 1
         rec = run.step_record(done, res)
-        sums = run.dist.sum_metrics(step_metrics + [{"_pairs": sum(b["n_pairs"] for b in mbs)}], 1, METRIC_KEYS)
+        real = [step_metrics[id(b)] for b in mbs if id(b) in step_metrics]
+        sums = run.dist.sum_metrics(real + [{"_pairs": sum(b["n_pairs"] for b in mbs)}], 1, METRIC_KEYS)
         rec.update({k: sums[k] / max(sums["_pairs"], 1) for k in METRIC_KEYS if k != "_pairs"})
         if run.due("eval", done) and val_items:
             rec.update(evaluate_groups(model, val_items, pad_id))
         run.after_step(done, rec)
 
     # -- held-out accuracy, normalisation, save
-    result: dict[str, Any] = {"train_pairs": n_train_pairs, "train_groups": len(train_items)}
+    result: dict[str, Any] = {"train_pairs": n_train_pairs, "train_groups": len(train_items),
+                              "sharding": cfg.train.sharding, "gradient_checkpointing": cfg.train.gradient_checkpointing}
     result.update(evaluate_groups(model, val_items, pad_id))
     mean, std = reward_statistics(model, train_items, pad_id) if cfg.normalize else (0.0, 1.0)
     result.update({"reward_mean": mean, "reward_std": std})
     run.log({"step": run.total_steps, **result})
-    backbone_and_score(model)  # fails early if the head cannot be found
+    backbone_and_score(sharding.unwrap(model))  # fails early if the head cannot be found
     return run.finish(model, tok, result, template=renderer.template, kind="reward", reward_norm=(mean, std))

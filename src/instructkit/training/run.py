@@ -334,10 +334,11 @@ class Run:
         seconds = time.perf_counter() - self._t0
         out = self.run_dir / FINAL
         if kind == "reward":
+            full = sharding.full_model_copy(model, self.is_main) if sharding.is_sharded(model) else model
             if self.is_main:
                 from instructkit.models.value_head import save_reward_model
 
-                save_reward_model(sharding.unwrap(model), tokenizer, out, *reward_norm)
+                save_reward_model(full, tokenizer, out, *reward_norm)
         elif sharding.is_sharded(model):
             sharding.save_full_model(model, tokenizer, out, self.is_main)
         elif self.is_main:

@@ -250,6 +250,25 @@ def save_full_model(root: torch.nn.Module, tokenizer, out_dir, is_main: bool):
     return out
 
 
+def full_model_copy(root: torch.nn.Module, is_main: bool) -> torch.nn.Module | None:
+    """On rank 0, a plain (unsharded) copy of the inner model with the gathered full weights, e.g. to merge a LoRA
+    adapter and save a reward model; None on the other ranks. Every rank must call it. The copy is built from the
+    model's config (and its peft config, for an adapter) and loaded strictly, so every weight comes from the run."""
+    state = full_state_dict(root)
+    if not is_main:
+        return None
+    inner = unwrap(root)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    dtype = next(iter(state.values())).dtype if state else torch.float32
+    plain = type(base)._from_config(base.config, torch_dtype=dtype)
+    if hasattr(inner, "peft_config"):
+        from peft import get_peft_model
+
+        plain = get_peft_model(plain, inner.peft_config["default"])
+    plain.load_state_dict(state, strict=True)
+    return plain
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # What a recipe calls
 # ---------------------------------------------------------------------------------------------------------------------
