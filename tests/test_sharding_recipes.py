@@ -145,3 +145,27 @@ def test_reward_model_fsdp2_two_processes_with_checkpointing_equal_one_plain_pro
     assert scores[0].shape == (2, 1) and (scores[0] - scores[1]).abs().max() < 1e-5
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["sharding"] == "fsdp2" and summary["gradient_checkpointing"] and summary["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KTO
+# ---------------------------------------------------------------------------------------------------------------------
+KTO_KEYS = ("loss", "grad_norm", "kl_baseline", "rewards_desirable", "rewards_undesirable", "eval_loss",
+            "eval_reward_margin")
+
+
+def test_kto_fsdp2_two_processes_with_checkpointing_equal_one_plain_process(tmp_path, pairs):
+    """`torchrun --nproc_per_node 2 ... kto train.sharding=fsdp2 train.gradient_checkpointing=true` x grad_accum 1
+    == one plain process x grad_accum 2: per-step losses, gradient norms, KL baselines (the step's mismatched pairs
+    over both ranks, forwards in lockstep), rewards and held-out numbers within 1e-5; final/ is a plain transformers
+    folder with the unsharded run's weights within 1e-5."""
+    from transformers import AutoModelForCausalLM
+
+    run_cli([sys.executable], "kto", write_config(tmp_path, "single", pairs, {"grad_accum": 2}))
+    run_cli(_torchrun(2), "kto", write_config(tmp_path, "multi", pairs, {
+        "grad_accum": 1, "sharding": "fsdp2", "gradient_checkpointing": True}))
+    single, multi = tmp_path / "runs" / "single", tmp_path / "runs" / "multi"
+    assert_same_records(_records(single), _records(multi), KTO_KEYS)
+    a, b = final_weights(single), final_weights(multi)
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+    AutoModelForCausalLM.from_pretrained(multi / "final", dtype=torch.float32)

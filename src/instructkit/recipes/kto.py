@@ -14,6 +14,11 @@ included at B = 0) -> loop on the run runtime (training/run.py) -> held-out rewa
 The KL baseline z0 is estimated over each whole optimizer step: before the step, a gradient-free forward of the
 step's mismatched (prompt, completion) pairs on every process, summed across processes. So a step's gradient does not
 depend on how it is split into micro-batches or processes. Log-probs are summed over the completion's tokens.
+
+``train.sharding: fsdp2`` and ``train.gradient_checkpointing`` (training/sharding.py, docs/distributed.md): the policy
+is sharded after the reference log-probs are computed; every forward (training, the KL baseline, held-out evaluation)
+runs through the FSDP root, and the KL baseline's forwards run in lockstep (``sharding.lockstep_map``: a rank with
+fewer mismatched pairs in a step makes filler calls).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from instructkit.data.sources import read_sources, split_validation
 from instructkit.losses import kto_loss
 from instructkit.models.value_head import response_logprobs
 from instructkit.rl.rollout import prompt_response_batch
+from instructkit.training import sharding
 
 
 @dataclass
@@ -116,7 +122,8 @@ def evaluate(model, items: list[EncodedExample], ref: torch.Tensor, ref_mis: tor
         return {}
     was = model.training
     model.eval()
-    pol, pol_mis = logps_of(model, items, pad_id, False), logps_of(model, items, pad_id, True)
+    logps = sharding.route(logps_of)  # every rank evaluates every item: the same passes (lockstep) when sharded
+    pol, pol_mis = logps(model, items, pad_id, False), logps(model, items, pad_id, True)
     model.train(was)
     z0 = (pol_mis - ref_mis).mean().clamp(min=0.0)
     desirable = torch.tensor([it.desirable for it in items])
@@ -131,7 +138,7 @@ def main(cfg: KTOConfig) -> dict[str, Any]:
     from instructkit.models.load import load_model_and_tokenizer
     from instructkit.training.run import Run, data_fingerprint
 
-    run = Run.start(cfg, "kto")
+    run = Run.start(cfg, "kto", shardable=True)
 
     # -- data (read and checked before the model is loaded)
     examples, read_stats = read_sources(cfg.data, cfg.data.sources, run.run_dir)
@@ -168,6 +175,7 @@ def main(cfg: KTOConfig) -> dict[str, Any]:
     ref_train, ref_train_mis = logps_of(policy, train_items, pad_id, False), logps_of(policy, train_items, pad_id, True)
     ref_val = logps_of(policy, val_items, pad_id, False)
     ref_val_mis = logps_of(policy, val_items, pad_id, True) if len(val_items) > 1 else None  # else no evaluation
+    policy = run.prepare(policy)  # activation checkpointing, FSDP2 (after the reference log-probs)
 
     def held_out() -> dict[str, float]:
         return evaluate(policy, val_items, ref_val, ref_val_mis, cfg, pad_id)
@@ -188,12 +196,16 @@ def main(cfg: KTOConfig) -> dict[str, Any]:
 
     def kl_baseline(rows: list[int]) -> torch.Tensor:
         """z0 over the whole step: this rank's mismatched pairs, summed with every other rank's."""
-        mis = logps_of(policy, [train_items[i] for i in rows], pad_id, True, cfg.train.micro_batch_size)
+        size = cfg.train.micro_batch_size
+        chunks = [[train_items[i] for i in rows[k:k + size]] for k in range(0, len(rows), size)]
+        parts = sharding.lockstep_map(policy, run.dist, lambda m, c: logps_of(m, c, pad_id, True), chunks,
+                                      train_items[:1])
+        mis = torch.cat(parts) if parts else torch.zeros(0)
         t = torch.tensor([float((mis - ref_train_mis[rows]).sum()), float(len(rows))], dtype=torch.float64)
         run.dist.all_reduce_sum(t)
         return (t[0] / t[1].clamp(min=1.0)).clamp(min=0.0).float()
 
-    step_metrics: list[dict[str, float]] = []
+    step_metrics: dict[int, dict[str, float]] = {}  # by micro-batch: a sharded filler pass repeats one, not counted
     z0 = torch.zeros(())
 
     def loss_fn(m, batch):
@@ -204,9 +216,12 @@ def main(cfg: KTOConfig) -> dict[str, Any]:
                            cfg.undesirable_weight)
         r = cfg.beta * (pol.detach() - batch["ref"])
         d = batch["desirable"].to(r.dtype)
-        step_metrics.append({"desirable_reward_sum": float((r * d).sum()), "desirable": float(d.sum()),
-                             "undesirable_reward_sum": float((r * (1 - d)).sum()), "undesirable": float((1 - d).sum())})
+        step_metrics[id(batch)] = {"desirable_reward_sum": float((r * d).sum()), "desirable": float(d.sum()),
+                                   "undesirable_reward_sum": float((r * (1 - d)).sum()),
+                                   "undesirable": float((1 - d).sum())}
         return loss * batch["n"], torch.tensor(batch["n"])  # summed over examples: the step divides by all of them
+
+    loss_fn = sharding.route(loss_fn)  # under fsdp2 the root's hooks wrap the whole loss
 
     policy.train()
     for step in range(start, run.total_steps):
@@ -218,7 +233,8 @@ def main(cfg: KTOConfig) -> dict[str, Any]:
                                  token_fn=lambda b: int(b["attention_mask"].sum()))  # units: examples
         done = step + 1
         rec = run.step_record(done, res)
-        totals = run.dist.sum_metrics(step_metrics, 1, keys=["desirable_reward_sum", "desirable",
+        real = [step_metrics[id(b)] for b in mbs if id(b) in step_metrics]
+        totals = run.dist.sum_metrics(real, 1, keys=["desirable_reward_sum", "desirable",
                                                              "undesirable_reward_sum", "undesirable"])
         rec.update(examples=res.units, examples_per_s=res.units / res.seconds if res.seconds > 0 else None,
                    kl_baseline=float(z0), desirable=int(totals["desirable"]), undesirable=int(totals["undesirable"]),
@@ -231,5 +247,7 @@ def main(cfg: KTOConfig) -> dict[str, Any]:
     # -- held-out evaluation and save
     final_eval = held_out()
     run.log({"step": run.total_steps, "final": True, **final_eval})
-    return run.finish(policy, tok, {"train_examples": len(train_items), "initial_eval": initial_eval, **final_eval},
+    return run.finish(policy, tok, {"train_examples": len(train_items), "initial_eval": initial_eval, **final_eval,
+                                    "sharding": cfg.train.sharding,
+                                    "gradient_checkpointing": cfg.train.gradient_checkpointing},
                       template=renderer.template)

@@ -300,6 +300,18 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, ShardedModel)
 
 
+def lockstep_map(model: torch.nn.Module, dist: DistContext, fn: Callable, chunks: list, filler: Any) -> list:
+    """``[fn(model, chunk) for chunk in chunks]``, each call through the FSDP root (``route``). Under sharding every
+    rank makes as many calls as the busiest rank (a rank's share may be shorter): the extra calls run on ``filler``
+    and their results are dropped."""
+    f = route(fn)
+    out = [f(model, c) for c in chunks]
+    if is_sharded(model):
+        for _ in range(dist.all_reduce_max(len(chunks)) - len(chunks)):
+            f(model, filler)
+    return out
+
+
 def checkpoint_states(model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """``save_checkpoint`` keyword arguments: under sharding the trainable weights and the optimizer state gathered
     on rank 0 (every rank must call this); nothing for an unsharded model."""
