@@ -621,6 +621,8 @@ class PPOConfig:
         if self.samples_per_prompt < 1:
             raise ConfigError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         exact_div(self.rollout_batch_size, self.samples_per_prompt, "rollout_batch_size / samples_per_prompt")
+        if self.temperature <= 0:
+            raise ConfigError(f"PPO samples: temperature must be > 0, got {self.temperature}")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_coef > 0 needs ptx_data")
 

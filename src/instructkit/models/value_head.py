@@ -15,6 +15,7 @@ training data (mean, std of the raw rewards) is stored in ``config.json`` under 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,23 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return gather_logprobs(logits, tokens) * mask
 
 
+def frozen_reference(policy: nn.Module, lora_enabled: bool) -> nn.Module | None:
+    """The reference policy of KL-regularised RL (PPO, GRPO): a frozen copy of the starting weights, or None with LoRA,
+    where the policy with its adapter disabled is the reference (no second copy of the model; reference_logprobs)."""
+    return None if lora_enabled else copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reference_logprobs(policy, reference, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                       response_width: int, temperature: float = 1.0) -> torch.Tensor:
+    """(B, R) response log-probs (response_logprobs) under the reference: ``reference`` (frozen_reference), or when it
+    is None the ``policy`` with its LoRA adapter disabled."""
+    if reference is not None:
+        return response_logprobs(reference, input_ids, attention_mask, prompt_width, response_width, temperature)
+    with policy.disable_adapter():
+        return response_logprobs(policy, input_ids, attention_mask, prompt_width, response_width, temperature)
+
+
 class ValueHead(nn.Module):
     """A scalar per position on top of a policy's hidden states (the shared-backbone critic of Ziegler et al. 2019).
 
@@ -158,6 +176,34 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
     """
     body, head = backbone_and_score(model)
     return head(response_hidden(body, input_ids, attention_mask, start + 1, width)).float().squeeze(-1)
+
+
+class ActorCritic(nn.Module):
+    """A policy and its critic in one module, so one optimizer and one checkpoint see every trainable parameter. The
+    critic is a ValueHead on the policy's hidden states (shared backbone), or a separate ``*ForSequenceClassification``
+    model (InstructGPT: initialised from the reward model) read at every response position (token_scores)."""
+
+    def __init__(self, policy, value_head: ValueHead | None = None, critic=None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.critic = critic
+
+    def values(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+               response_width: int) -> torch.Tensor:
+        """(B, R) value of the state before each response token of a prompt/response batch (B, P+R); ``hidden``
+        (B, R, H): the policy's hidden states of the response columns (response_logits), read by a value head."""
+        if self.value_head is not None:
+            return self.value_head(hidden)
+        return token_scores(self.critic, input_ids, attention_mask, prompt_width - 1, response_width)
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """Zero every dropout probability (RL: the log-prob ratio of the first update must be exactly 1; Huang et al. 2024,
+    "The N+ implementation details of RLHF", detail 2)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

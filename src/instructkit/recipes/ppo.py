@@ -17,45 +17,23 @@ update (Huang et al. detail 2); ptx mini-batches are drawn in a seeded order and
 
 from __future__ import annotations
 
-import copy
-import json
-import logging
 import random
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from instructkit.config import ConfigError, PPOConfig
-from instructkit.data.sources import prompt_messages_of, read_sources
+from instructkit.data.sources import read_sources
 from instructkit.losses import (entropy_from_logits, entropy_from_logprobs, ppo_policy_loss, ppo_value_loss,
                                 sft_loss)
-from instructkit.models.value_head import (ValueHead, gather_logprobs, load_reward_model, load_sequence_classifier,
-                                           response_logits, sequence_scores, token_scores)
+from instructkit.models.value_head import (ActorCritic, ValueHead, disable_dropout, frozen_reference, gather_logprobs,
+                                           load_reward_model, load_sequence_classifier, reference_logprobs,
+                                           response_logits, sequence_scores)
 from instructkit.rl.advantage import (AdaptiveKLController, FixedKLController, gae, kl_estimate,
                                       kl_penalized_rewards, masked_whiten, penalize_missing_eos)
-from instructkit.rl.rollout import Trajectory, load_reward_function, make_rollout_batch
-
-log = logging.getLogger(__name__)
-
-
-class ActorCritic(nn.Module):
-    """Policy plus critic in one module, so the shared optimizer and checkpoint code see every trainable parameter."""
-
-    def __init__(self, policy, value_head: ValueHead | None = None, critic=None):
-        super().__init__()
-        self.policy = policy
-        self.value_head = value_head
-        self.critic = critic
-
-    def values(self, batch_like, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, R) value of the state before each response token."""
-        if self.value_head is not None:
-            return self.value_head(hidden)
-        p, r = batch_like.prompt_width, batch_like.response_width
-        return token_scores(self.critic, batch_like.input_ids, batch_like.attention_mask, p - 1, r)
+from instructkit.rl.rollout import Trajectory, encode_prompts, load_reward_function, make_rollout_batch
 
 
 def build_models(cfg: PPOConfig, run):
@@ -64,9 +42,7 @@ def build_models(cfg: PPOConfig, run):
 
     model_cfg = run.model_config()
     policy, tok = load_model_and_tokenizer(model_cfg, cfg.lora, precision=run.precision)
-    reference = None
-    if not cfg.lora.enabled:  # with LoRA the reference is the policy with its adapter disabled
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    reference = frozen_reference(policy, cfg.lora.enabled)  # with LoRA: the policy with its adapter disabled
     rm, norm = None, (0.0, 1.0)
     if cfg.reward_model:
         rm, rm_tok, norm = load_reward_model(run.resolve_model(cfg.reward_model))
@@ -84,30 +60,6 @@ def build_models(cfg: PPOConfig, run):
     return ac, reference, tok, rm, norm
 
 
-def _no_dropout(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-
-
-def encode_prompts(examples: list, renderer, cfg: PPOConfig) -> tuple[list[list[int]], list[list[dict]], dict]:
-    """Prompt token ids (and messages) of conversations or pairs, and what was dropped by reason (no prompt,
-    longer than data.max_length)."""
-    ids, msgs, dropped = [], [], {"too_long": 0, "no_prompt": 0}
-    for ex in examples:
-        m = prompt_messages_of(ex)
-        if not m:
-            dropped["no_prompt"] += 1
-            continue
-        p = renderer.render_prompt(m, tools=getattr(ex, "tools", None))  # the example's tools, as SFT renders them
-        if len(p) > cfg.data.max_length:
-            dropped["too_long"] += 1
-            continue
-        ids.append(p)
-        msgs.append([x.to_dict() for x in m])  # every field (tool calls, reasoning) for rule rewards
-    return ids, msgs, dropped
-
-
 def load_ptx(cfg: PPOConfig, renderer, run_dir: Path) -> list:
     """PPO-ptx: the pretraining-mix conversations (``ptx_data``) rendered into supervised samples."""
     from instructkit.training.packing import Sample
@@ -121,6 +73,25 @@ def load_ptx(cfg: PPOConfig, renderer, run_dir: Path) -> list:
     if not ptx:
         raise ConfigError("ptx_data has no supervised tokens")
     return ptx
+
+
+def ptx_micro_batch(ptx: list, rng: random.Random, cfg: PPOConfig, pad_id: int):
+    """A seeded draw of ``ptx_micro_batch_size`` PPO-ptx samples as one padded batch (None without ptx_data)."""
+    from instructkit.training.packing import collate_rows
+
+    if not ptx:
+        return None
+    pick = rng.sample(range(len(ptx)), min(cfg.ptx_micro_batch_size, len(ptx)))
+    return collate_rows([[ptx[i]] for i in pick], pad_id)
+
+
+def scores_of(cfg: PPOConfig, rm, norm, reward_fn, rows: list[dict], outputs, batch) -> torch.Tensor:
+    """(B,) sequence scores: the reward model's, normalised with its (mean, std), or the rule reward function's."""
+    if rm is not None:
+        return (sequence_scores(rm, batch["input_ids"], batch["attention_mask"]) - norm[0]) / norm[1]
+    return torch.tensor(reward_fn([x["messages"] for x in rows], [o.text for o in outputs],
+                                  [list(o.token_ids) for o in outputs], **cfg.reward_function_kwargs),
+                        dtype=torch.float32)
 
 
 # the update's statistics: token-weighted means over the micro-batches of every rank
@@ -143,7 +114,7 @@ def ppo_loss(model: ActorCritic, mb, cfg: PPOConfig, sink: list) -> tuple[torch.
     logp_all = torch.log_softmax(logits, dim=-1)  # (b, R, V): the ratio's and the entropy's, computed once
     logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (b, R), = gather_logprobs(logits, tokens)
     pg, pg_m = ppo_policy_loss(logp, traj.logprobs, traj.advantages, mask, cfg.clip_range)
-    values = model.values(traj, hidden)  # (b, R)
+    values = model.values(hidden, traj.input_ids, traj.attention_mask, p, r)  # (b, R)
     vf, vf_m = ppo_value_loss(values, traj.values, traj.returns, mask, cfg.clip_range_value)
     with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.entropy_coef != 0):
         ent, _ = entropy_from_logprobs(logp_all, mask)  # with a zero coefficient: logged, no backward through it
@@ -184,120 +155,80 @@ def iteration_record(step: int, traj: Trajectory, raw_scores: torch.Tensor, logi
     return rec
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, dist, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """rl.advantage.masked_whiten over the rollouts of every process: the mean and the (Bessel-corrected) variance are
-    taken over the masked positions of all ranks' rows (sums reduced across processes). Shapes: (B, T)."""
-    if dist.world_size == 1:
-        return masked_whiten(x, mask, shift_mean, eps)
-    s = dist.all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).double())
-    mean = s[0] / s[1]
-    centred = x - mean.to(x.dtype)
-    v = dist.all_reduce_sum((centred * centred * mask).sum().double().reshape(1))[0] / s[1]
-    if s[1] > 1:
-        v = v * s[1] / (s[1] - 1)
-    out = centred * torch.rsqrt(v + eps).to(x.dtype)
-    return (out + mean.to(x.dtype) if not shift_mean else out) * mask
-
-
 def main(cfg: PPOConfig) -> dict[str, Any]:
     from instructkit.chat.render import Renderer
     from instructkit.generation.engine import Engine, SamplingParams
     from instructkit.training.loop import read_metrics
-    from instructkit.training.packing import collate_rows
     from instructkit.training.run import Run, data_fingerprint
 
-    if cfg.temperature <= 0:
-        raise ConfigError("PPO samples: temperature must be > 0")
     run = Run.start(cfg, "ppo")
-    run_dir, dist = run.run_dir, run.dist
-    B, W = cfg.rollout_batch_size, dist.world_size
-    lo, hi = dist.rank * B // W, (dist.rank + 1) * B // W  # this rank's rows of every rollout batch
+    dist, B = run.dist, cfg.rollout_batch_size
+    lo, hi = dist.rank * B // dist.world_size, (dist.rank + 1) * B // dist.world_size  # this rank's rows of a batch
+    reduce = dist.all_reduce_sum if dist.world_size > 1 else None  # whitening statistics over every rank's rows
 
     # -- data (read and checked before the models are loaded)
-    examples, read_stats = read_sources(cfg.data, cfg.data.sources, run_dir)
+    examples, read_stats = read_sources(cfg.data, cfg.data.sources, run.run_dir)
 
     # -- models
-    ac, reference, tok, rm, (rm_mean, rm_std) = build_models(cfg, run)
-    _no_dropout(ac)
+    ac, reference, tok, rm, rm_norm = build_models(cfg, run)
+    disable_dropout(ac)
     policy = ac.policy
     renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
-    pad_id = tok.pad_token_id
-    stop_ids = renderer.stop_token_ids
+    pad_id, stop_ids = tok.pad_token_id, renderer.stop_token_ids
     reward_fn = load_reward_function(cfg.reward_function) if cfg.reward_function else None
-    engine = Engine(policy, tok, max_batch_size=cfg.rollout_batch_size)
+    engine = Engine(policy, tok, max_batch_size=B)
 
-    # -- prompts
-    prompt_ids, prompt_msgs, dropped = encode_prompts(examples, renderer, cfg)
-    run.check_data(read=read_stats, examples=len(examples), kept=len(prompt_ids), dropped=dropped, unit="prompts")
-    data_stats = {"read": read_stats, "prompts": len(prompt_ids), "dropped": dropped}
+    # -- prompts, and the PPO-ptx conversations
     n_prompts = B // cfg.samples_per_prompt
-    if len(prompt_ids) < n_prompts:
-        from instructkit.data.schema import DataError
-
-        raise DataError(f"{len(prompt_ids)} usable prompts, fewer than the {n_prompts} of each rollout batch "
-                        f"(rollout_batch_size={B} / samples_per_prompt={cfg.samples_per_prompt})")
-    ptx = load_ptx(cfg, renderer, run_dir) if cfg.ptx_coef > 0 else []
-    data_stats["ptx_examples"] = len(ptx)
-    if run.is_main:
-        (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=1, default=str))
+    prompts, dropped = encode_prompts(examples, renderer, cfg.data.max_length, need=n_prompts, why=f"each rollout "
+                                      f"batch (rollout_batch_size={B} / samples_per_prompt={cfg.samples_per_prompt})")
+    run.check_data(read=read_stats, examples=len(examples), kept=len(prompts), dropped=dropped, unit="prompts")
+    ptx = load_ptx(cfg, renderer, run.run_dir) if cfg.ptx_coef > 0 else []
+    run.write_json("data_stats.json", {"read": read_stats, "prompts": len(prompts), "dropped": dropped,
+                                       "ptx_examples": len(ptx)})
 
     # -- optimisation state: an iteration is one step of the run, its mini-batches are the optimizer's steps
     mini = cfg.train.micro_batch_size * cfg.train.grad_accum
     n_mini = B // mini
     iterations = cfg.train.max_steps or 1
     run.scheduler_steps = iterations * cfg.ppo_epochs * n_mini
-    start = run.setup(ac, total_steps=iterations, fingerprint=data_fingerprint([prompt_ids, ptx]))
+    start = run.setup(ac, total_steps=iterations, fingerprint=data_fingerprint([[x["ids"] for x in prompts], ptx]))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl \
         else FixedKLController(cfg.kl_coef)
     if run.resumed_from is not None:
         kl_ctl.value = float(run.state["kl_coef"])
-
-    def reference_logits(input_ids, attention_mask, p, r):
-        if reference is not None:
-            return response_logits(reference, input_ids, attention_mask, p, r, cfg.temperature)[0]
-        with policy.disable_adapter():
-            return response_logits(policy, input_ids, attention_mask, p, r, cfg.temperature)[0]
-
     mb_stats: list[dict[str, float]] = []
-
     loss_fn = partial(ppo_loss, cfg=cfg, sink=mb_stats)
 
     # -- iterations
     for it in range(start, iterations):
         rng = random.Random(f"{cfg.data.seed}:{it}")
-        chosen = [i for i in rng.sample(range(len(prompt_ids)), n_prompts) for _ in range(cfg.samples_per_prompt)]
-        batch_prompts = [prompt_ids[i] for i in chosen[lo:hi]]
+        chosen = [i for i in rng.sample(range(len(prompts)), n_prompts) for _ in range(cfg.samples_per_prompt)]
+        rows = [prompts[i] for i in chosen[lo:hi]]
 
         # rollouts: this rank's rows; row i of the whole batch samples with seed base + i on any rank
         ac.eval()
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                 stop_token_ids=stop_ids, seed=cfg.train.seed * 1_000_003 + it + lo,
                                 logprobs=False)  # the update recomputes them with the value head
-        outputs = engine.generate(batch_prompts, params)
-        batch, ended = make_rollout_batch(batch_prompts, outputs, stop_ids, pad_id)
+        outputs = engine.generate([x["ids"] for x in rows], params)
+        batch, ended = make_rollout_batch([x["ids"] for x in rows], outputs, stop_ids, pad_id)
         ids, attn = batch["input_ids"], batch["attention_mask"]
         p, r, mask = batch["prompt_width"], batch["response_width"], batch["response_mask"]
 
-        # scoring
+        # scoring: old and reference log-probs, values, scores (missing-EOS penalty), KL-penalised rewards, GAE
         with torch.no_grad():
             logits, hidden = response_logits(policy, ids, attn, p, r, cfg.temperature)
             old_logp = gather_logprobs(logits, ids[:, p:p + r]) * mask
-            ref_logp = gather_logprobs(reference_logits(ids, attn, p, r), ids[:, p:p + r]) * mask
-            shell = Trajectory(ids, attn, mask, p, r, old_logp, ref_logp, old_logp, torch.zeros(0), ended)
-            values = ac.values(shell, hidden) * mask
-            if rm is not None:
-                scores = (sequence_scores(rm, ids, attn) - rm_mean) / rm_std
-            else:
-                scores = torch.tensor(reward_fn([prompt_msgs[i] for i in chosen[lo:hi]], [o.text for o in outputs],
-                                                [list(o.token_ids) for o in outputs], **cfg.reward_function_kwargs),
-                                      dtype=torch.float32)
-            raw_scores = scores.clone()
-            scores = penalize_missing_eos(scores, ended, cfg.missing_eos_penalty)
+            ref_logp = reference_logprobs(policy, reference, ids, attn, p, r, cfg.temperature)
+            values = ac.values(hidden, ids, attn, p, r) * mask
+            raw_scores = scores_of(cfg, rm, rm_norm, reward_fn, rows, outputs, batch)
+            scores = penalize_missing_eos(raw_scores, ended, cfg.missing_eos_penalty)
             rewards, _ = kl_penalized_rewards(old_logp, ref_logp, mask, scores, kl_ctl.value, cfg.kl_estimator)
             if cfg.whiten_rewards:
-                rewards = whiten(rewards, mask, dist, shift_mean=False)
+                rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce_sum=reduce)
             advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            advantages = whiten(advantages, mask, dist)  # over the whole rollout batch, all ranks
+            advantages = masked_whiten(advantages, mask, all_reduce_sum=reduce)  # the whole rollout batch, all ranks
         traj = Trajectory(ids, attn, mask, p, r, old_logp, ref_logp, values, scores, ended, rewards, advantages,
                           returns)
 
@@ -312,28 +243,22 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 # same floating-point sums (a permuted batch differs by ~1e-7), so the first update's ratio is exactly 1
                 idx = perm[k * mini:(k + 1) * mini].sort().values
                 mine = idx[(idx >= lo) & (idx < hi)] - lo
-                micro = []
-                for j in range(0, len(mine), cfg.train.micro_batch_size):
-                    ptx_batch = None
-                    if ptx:
-                        pick = rng.sample(range(len(ptx)), min(cfg.ptx_micro_batch_size, len(ptx)))
-                        ptx_batch = collate_rows([[ptx[i]] for i in pick], pad_id)
-                    micro.append((traj.select(mine[j:j + cfg.train.micro_batch_size]), ptx_batch))
+                micro = [(traj.select(mine[j:j + cfg.train.micro_batch_size]), ptx_micro_batch(ptx, rng, cfg, pad_id))
+                         for j in range(0, len(mine), cfg.train.micro_batch_size)]
                 res = run.optimizer_step(micro, loss_fn, lambda mb: int(mb[0].response_mask.sum()), step=it)
                 if res.grad_norm is not None:
                     grad_norms.append(res.grad_norm)
 
+        # metrics, the KL controller's update, checkpoint, samples
         rec = iteration_record(it + 1, traj, raw_scores, logits, kl_ctl.value, cfg, dist, mb_stats, ptx)
         rec.update(lr=run.scheduler.get_last_lr()[0], grad_norm=sum(grad_norms) / max(len(grad_norms), 1))
         kl_ctl.update(rec["kl"], B)
         run.after_step(it + 1, rec, state={"kl_coef": kl_ctl.value})
-        if (it == 0 or it + 1 == iterations) and run.is_main:
-            with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-                for i in range(min(4, len(outputs))):
-                    f.write(json.dumps({"step": it + 1, "prompt": prompt_msgs[chosen[lo + i]],
-                                        "response": outputs[i].text, "score": raw_scores[i].item()}) + "\n")
+        if it == 0 or it + 1 == iterations:
+            run.write_samples(it + 1, [{"prompt": x["messages"], "response": o.text, "score": s.item()}
+                                       for x, o, s in list(zip(rows, outputs, raw_scores))[:4]])
 
-    records = [r for r in read_metrics(run_dir)] if run.is_main else []
+    records = read_metrics(run.run_dir) if run.is_main else []
     return run.finish(policy, tok, {
         "iterations": iterations,
         "first": {k: records[0].get(k) for k in ("score", "kl", "response_length")} if records else {},

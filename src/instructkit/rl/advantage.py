@@ -7,6 +7,7 @@ Pure tensor functions (standard library + torch only). Shapes: B = rollouts, T =
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -109,13 +110,28 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Normalise ``x`` to zero mean, unit variance over the masked positions of the whole batch (padding stays 0).
 
         x' = (x - mean) / sqrt(var + eps)          var with Bessel's correction (n / (n - 1))
     With ``shift_mean=False`` the mean is added back (used for rewards: scale only, keep the sign of the signal).
     Used for advantages (standard in PPO) and optionally rewards (Ziegler et al. 2019). Shapes: (B, T).
+
+    ``all_reduce_sum`` (a function summing a tensor over processes, e.g. training/loop.DistContext.all_reduce_sum):
+    the batch is split across data-parallel processes, each holding its rows; the mean and the variance are taken over
+    the masked positions of every process's rows (float64 sums reduced across processes), so the result equals
+    whitening the whole batch in one process up to float rounding.
     """
+    if all_reduce_sum is not None:
+        s = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).double())  # [sum x, n] over all rows
+        mean = s[0] / s[1]
+        centred = x - mean.to(x.dtype)
+        v = all_reduce_sum((centred * centred * mask).sum().double().reshape(1))[0] / s[1]
+        if s[1] > 1:
+            v = v * s[1] / (s[1] - 1)
+        out = centred * torch.rsqrt(v + eps).to(x.dtype)
+        return (out + mean.to(x.dtype) if not shift_mean else out) * mask
     mean = masked_mean(x, mask)
     centred = x - mean
     var = masked_mean(centred * centred, mask)

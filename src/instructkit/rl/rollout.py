@@ -1,4 +1,4 @@
-"""Rollouts for PPO: generate responses, then score them: policy and reference log-probs, values, rewards.
+"""Rollouts for PPO and GRPO: the prompts they sample from, the batch layout of sampled responses, rule rewards.
 
 A ``Trajectory`` holds one batch in the *prompt/response layout*: row i is its prompt left-padded to width P, followed
 by its response right-padded to width R. Every response token sits in the same columns in every row, so the output
@@ -18,6 +18,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 import torch
+
+from instructkit.data.schema import DataError
+from instructkit.data.sources import prompt_messages_of
 
 
 def prompt_response_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
@@ -104,3 +107,27 @@ def make_rollout_batch(prompt_ids: Sequence[Sequence[int]], outputs: Sequence[An
     stop = set(int(t) for t in stop_ids)
     ended = torch.tensor([bool(r) and r[-1] in stop and o.finish_reason == "stop" for r, o in zip(responses, outputs)])
     return prompt_response_batch(prompt_ids, responses, pad_id), ended
+
+
+def encode_prompts(examples: Sequence[Any], renderer: Any, max_length: int, *, need: int = 0, why: str = ""
+                   ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The prompts an RL recipe samples from: records {"ids", "messages", "meta"} of conversations or pairs (the
+    messages before the last assistant turn, rendered by ``renderer.render_prompt`` with the example's tools, as SFT
+    renders them; ``messages`` keep every field, tool calls and reasoning included, for rule rewards), and the examples
+    dropped by reason: "no_prompt" (nothing before the answer), "too_long" (more than ``max_length`` tokens).
+    Fewer than ``need`` prompts is a DataError naming ``why`` (what needs them)."""
+    prompts, dropped = [], {"too_long": 0, "no_prompt": 0}
+    for ex in examples:
+        msgs = prompt_messages_of(ex)
+        if not msgs:
+            dropped["no_prompt"] += 1
+            continue
+        ids = renderer.render_prompt(msgs, tools=getattr(ex, "tools", None))
+        if len(ids) > max_length:
+            dropped["too_long"] += 1
+            continue
+        prompts.append({"ids": list(ids), "messages": [m.to_dict() for m in msgs], "meta": dict(ex.meta)})
+    if len(prompts) < need:
+        raise DataError(f"{len(prompts)} usable prompts, fewer than the {need} of {why} ({dropped['too_long']} longer "
+                        f"than data.max_length={max_length}, {dropped['no_prompt']} without a prompt)")
+    return prompts, dropped

@@ -321,6 +321,18 @@ class Run:
                                     full, self.config, keep=self.train.keep_checkpoints, dist=self.dist,
                                     **sharding.checkpoint_states(self.model, self.optimizer))
 
+    def write_json(self, name: str, obj: Any) -> None:
+        """``<run folder>/<name>`` (e.g. data_stats.json: what was read, kept and dropped), from the main process."""
+        if self.is_main:
+            (self.run_dir / name).write_text(json.dumps(obj, indent=1, default=str))
+
+    def write_samples(self, done: int, rows: list[dict[str, Any]]) -> None:
+        """Append ``rows`` (prompt, response, score...) to samples.jsonl, each with ``"step": done`` (main process)."""
+        if self.is_main:
+            with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps({"step": done, **row}, ensure_ascii=False) + "\n")
+
     # -- finish ---------------------------------------------------------------------------------------------------------
     def finish(self, model: torch.nn.Module, tokenizer, summary: dict[str, Any], *, template: str | None = None,
                kind: str = "causal", reward_norm: tuple[float, float] = (0.0, 1.0)) -> dict[str, Any]:
