@@ -125,3 +125,40 @@ def test_adaptive_kl_controller_by_hand():
     assert d.value == c.value
     assert not math.isnan(c.update(float("nan"), 10))
     assert FixedKLController(0.05).update(100.0, 10) == 0.05
+
+
+def test_masked_whiten_over_two_processes_equals_one_batch():
+    """Data-parallel PPO whitens over every process's rows: two halves whose sums are reduced (a fake all-reduce of two
+    threads) give the whitening of the whole batch; padding stays exactly 0."""
+    import threading
+
+    x = torch.tensor([[1.0, 2.0, 9.0], [4.0, 0.0, 0.0], [3.0, 5.0, 7.0], [-2.0, 6.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    barrier, slots = threading.Barrier(2), [[], []]
+
+    def reducer(rank):
+        def all_reduce_sum(t):
+            slots[rank].append(t)
+            barrier.wait()
+            out = slots[0][-1] + slots[1][-1]
+            barrier.wait()
+            return out
+        return all_reduce_sum
+
+    out = [None, None]
+
+    def work(rank, shift):
+        rows = slice(2 * rank, 2 * rank + 2)
+        out[rank] = masked_whiten(x[rows], mask[rows], shift_mean=shift, eps=0.0, all_reduce_sum=reducer(rank))
+
+    for shift in (True, False):
+        threads = [threading.Thread(target=work, args=(r, shift)) for r in (0, 1)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        # by hand: 9 values, mean 35/9, Bessel-corrected variance over the 9 masked positions
+        vals = x[mask.bool()]
+        mean, var = vals.mean(), vals.var(unbiased=True)
+        expected = ((x - mean) / var.sqrt() + (0 if shift else mean)) * mask
+        torch.testing.assert_close(torch.cat(out), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.cat(out), masked_whiten(x, mask, shift_mean=shift, eps=0.0))
+        assert (torch.cat(out)[mask == 0] == 0).all()

@@ -21,8 +21,6 @@ policy (the LoRA adapter disabled, or a frozen copy).
 
 from __future__ import annotations
 
-import copy
-import json
 import random
 import time
 from typing import Any
@@ -30,31 +28,12 @@ from typing import Any
 import torch
 
 from instructkit.config import GRPOConfig
+from instructkit.data.sources import read_sources
 from instructkit.losses import clipped_policy_loss
-from instructkit.models.value_head import response_logprobs
+from instructkit.models.value_head import frozen_reference, reference_logprobs, response_logprobs
 from instructkit.rl.advantage import equal_reward_groups, group_advantages
 from instructkit.rl.rewards import CombinedReward
-from instructkit.rl.rollout import make_rollout_batch
-
-
-def read_prompts(cfg: GRPOConfig, renderer, run_dir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Prompt records {ids, messages, meta} from data.sources; prompts longer than data.max_length are skipped."""
-    from instructkit.data.sources import prompt_messages_of, read_sources
-
-    examples, stats = read_sources(cfg.data, cfg.data.sources, run_dir)
-    prompts, too_long, empty = [], 0, 0
-    for ex in examples:
-        msgs = prompt_messages_of(ex)
-        if not msgs:
-            empty += 1
-            continue
-        ids = renderer.render_prompt(msgs, tools=getattr(ex, "tools", None))
-        if len(ids) > cfg.data.max_length:
-            too_long += 1
-            continue
-        prompts.append({"ids": list(ids), "messages": [m.to_dict() for m in msgs], "meta": dict(ex.meta)})
-    return prompts, {"read": stats, "prompts": len(prompts), "skipped_too_long": too_long,
-                     "skipped_no_prompt": empty}
+from instructkit.rl.rollout import encode_prompts, make_rollout_batch
 
 
 def main(cfg: GRPOConfig) -> dict[str, Any]:
@@ -70,31 +49,22 @@ def main(cfg: GRPOConfig) -> dict[str, Any]:
     if cfg.prompts_per_step % world:
         raise DataError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {world} processes")
 
-    # -- model, reference, prompts
+    # -- data (read before the model is loaded), model, reference, prompts
+    examples, read_stats = read_sources(cfg.data, cfg.data.sources, run.run_dir)
     policy, tok = load_model_and_tokenizer(run.model_config(), cfg.lora, precision=run.precision)
     renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
-    prompts, data_stats = read_prompts(cfg, renderer, run.run_dir)
-    if len(prompts) < cfg.prompts_per_step:
-        raise DataError(f"{len(prompts)} usable prompts, fewer than prompts_per_step={cfg.prompts_per_step} "
-                        f"({data_stats['skipped_too_long']} longer than data.max_length={cfg.data.max_length})")
-    if run.is_main:
-        (run.run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=1, default=str))
-    frozen = None
-    if cfg.kl_coef > 0 and not cfg.lora.enabled:
-        frozen = copy.deepcopy(policy).eval().requires_grad_(False)  # the starting weights
+    prompts, dropped = encode_prompts(examples, renderer, cfg.data.max_length, need=cfg.prompts_per_step,
+                                      why=f"prompts_per_step={cfg.prompts_per_step}")
+    run.check_data(read=read_stats, examples=len(examples), kept=len(prompts), dropped=dropped, unit="prompts")
+    run.write_json("data_stats.json", {"read": read_stats, "prompts": len(prompts), "skipped_too_long":
+                                       dropped["too_long"], "skipped_no_prompt": dropped["no_prompt"]})
+    reference = frozen_reference(policy, cfg.lora.enabled) if cfg.kl_coef > 0 else None  # the starting weights
     pad_id, stop_ids = tok.pad_token_id, renderer.stop_token_ids
     engine = Engine(policy, tok, max_batch_size=cfg.prompts_per_step // world * cfg.num_generations)
 
     def logps(model, b):  # (B, R) response log-probs under the sampling temperature, 0 on padding
         return response_logprobs(model, b["input_ids"], b["attention_mask"], b["prompt_width"], b["response_width"],
                                  cfg.temperature)
-
-    @torch.no_grad()
-    def reference_logps(b):
-        if frozen is not None:
-            return logps(frozen, b)
-        with policy.disable_adapter():
-            return logps(policy, b)
 
     run.scheduler_steps = (cfg.train.max_steps or 1) * cfg.updates_per_batch
     start = run.setup(policy, total_steps=cfg.train.max_steps or 1,
@@ -146,7 +116,9 @@ def main(cfg: GRPOConfig) -> dict[str, Any]:
         # 5. updates
         mask = batch["response_mask"]
         with torch.no_grad():
-            ref = reference_logps(batch) if cfg.kl_coef > 0 else None
+            ref = reference_logprobs(policy, reference, batch["input_ids"], batch["attention_mask"],
+                                     batch["prompt_width"], batch["response_width"], cfg.temperature) \
+                if cfg.kl_coef > 0 else None
             old = logps(policy, batch) if cfg.updates_per_batch > 1 else None
         micro = []
         for s in range(0, len(rows_kept), cfg.train.micro_batch_size):
@@ -177,11 +149,9 @@ def main(cfg: GRPOConfig) -> dict[str, Any]:
         keys_m = ["approx_kl", "clipfrac_high", "clipfrac_low", "ratio"] + (["kl"] if cfg.kl_coef > 0 else [])
         upd = run.dist.sum_metrics(step_metrics, tot[-1] * cfg.updates_per_batch, keys=keys_m)
         rec.update({k: (v if tot[-1] else None) for k, v in upd.items()})  # None: every group dropped, no update
-        if run.is_main and (it == start or run.due("sample", it + 1)):
-            with open(run.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-                for r, o, sc in list(zip(rows, outputs, scores))[:cfg.num_generations]:
-                    f.write(json.dumps({"step": it + 1, "prompt": r["messages"][-1]["content"], "response": o.text,
-                                        "reward": sc}, ensure_ascii=False) + "\n")
+        if it == start or run.due("sample", it + 1):
+            run.write_samples(it + 1, [{"prompt": r["messages"][-1]["content"], "response": o.text, "reward": sc}
+                                       for r, o, sc in list(zip(rows, outputs, scores))[:cfg.num_generations]])
         run.after_step(it + 1, rec, throughput="rollout_tokens_per_s")
 
     return run.finish(policy, tok, {"prompts": len(prompts), "num_generations": cfg.num_generations},
