@@ -203,3 +203,35 @@ def test_shared_prefix_scoring_equals_separate_rows(tiny, renderer):
     assert [len(s) for s in shared] == [3, 2, 1]
     for a, b in zip(shared, separate):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_sliding_window_model_shares_the_prompt_of_items_shorter_than_the_window(tiny, renderer, monkeypatch):
+    # Gemma 3's sliding-window layers cannot use the packed (shared-prefix) mask for a sequence as long as the window:
+    # that item takes unshared rows, while every shorter item still shares its prompt; scores equal the unshared ones.
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from instructkit.eval import heldout
+
+    _, tok = tiny
+    window = 24
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
+                           sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+                           max_position_embeddings=256, pad_token_id=tok.pad_token_id)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    long_prompt = [Message("user", "The quick brown fox jumps over the lazy dog near the river bank. " * 4 + "Yes?")]
+    items = [([Message("user", "x")], ["a", "b"]), (long_prompt, ["yes", "no"]), ([Message("user", "y?")], ["c", "d"])]
+    lengths = [[len(s) for s, _ in heldout.response_token_spans(renderer, p, o)] for p, o in items]
+    assert max(lengths[0] + lengths[2]) < window <= min(lengths[1])  # items 0 and 2 fit, item 1 does not
+    shared_calls = []
+    real = heldout._shared_prefix_logprobs
+    monkeypatch.setattr(heldout, "_shared_prefix_logprobs",
+                        lambda m, per_item, *a: shared_calls.append(len(per_item)) or real(m, per_item, *a))
+    got = heldout.score_options(model, renderer, items, tok.pad_token_id, batch_size=4)
+    assert shared_calls == [2]  # the two short items, in one shared-prefix call
+    separate = heldout.score_options(model, renderer, items, tok.pad_token_id, batch_size=4, shared_prefix=False)
+    assert shared_calls == [2]
+    for a, b in zip(got, separate):
+        assert a == pytest.approx(b, abs=1e-4)

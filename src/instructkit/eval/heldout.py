@@ -119,15 +119,27 @@ def score_options(model, renderer, items: Sequence[tuple[Sequence[Message], Sequ
     unshared ones up to float summation order) while the prompt, most of the tokens, is computed once, not once per
     option."""
     per_item = [response_token_spans(renderer, prompt, responses) for prompt, responses in items]
-    if not shared_prefix or _has_sliding_window(model, per_item):
-        flat = [s for seqs in per_item for s in seqs]
+    # The packed mask does not carry a sliding window, so an item with a sequence as long as the window (Gemma 3:
+    # 512 tokens) takes unshared rows; the others still share their prompt (one long review must not make every
+    # item of an evaluation pay for its prompt once per option).
+    window = _sliding_window(model) if shared_prefix else None
+    plain = [i for i, seqs in enumerate(per_item)
+             if not shared_prefix or (window and any(len(s) >= window for s, _ in seqs))]
+    plain_set = set(plain)
+    shared = [i for i in range(len(per_item)) if i not in plain_set]
+    out: list[list[float]] = [[] for _ in per_item]
+    if plain:
+        flat = [s for i in plain for s in per_item[i]]
         scores = sequence_logprobs(model, flat, pad_id, batch_size)
-        out, k = [], 0
-        for seqs in per_item:
-            out.append(scores[k:k + len(seqs)])
-            k += len(seqs)
-        return out
-    return _shared_prefix_logprobs(model, per_item, pad_id, max(1, batch_size // 2))
+        k = 0
+        for i in plain:
+            out[i] = scores[k:k + len(per_item[i])]
+            k += len(per_item[i])
+    if shared:
+        for i, sc in zip(shared, _shared_prefix_logprobs(model, [per_item[i] for i in shared], pad_id,
+                                                         max(1, batch_size // 2))):
+            out[i] = sc
+    return out
 
 
 def _prefix_length(seqs: list[tuple[list[int], list[int]]]) -> int:
@@ -140,15 +152,14 @@ def _prefix_length(seqs: list[tuple[list[int], list[int]]]) -> int:
     return max(1, min(p, first_scored))
 
 
-def _has_sliding_window(model, per_item) -> bool:
-    """Sliding-window layers (Gemma 3) need position-based windows; fall back to unshared rows when a sequence is
-    longer than the window (shorter sequences are unaffected by the window)."""
+def _sliding_window(model) -> int | None:
+    """The sliding window of a model with sliding-window attention layers (Gemma 3), else None."""
     cfg = getattr(model, "config", None)
     cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
     window = getattr(cfg, "sliding_window", None)
     if not window or "sliding_attention" not in set(getattr(cfg, "layer_types", None) or []):
-        return False
-    return any(len(s) >= window for seqs in per_item for s, _ in seqs)
+        return None
+    return int(window)
 
 
 @torch.no_grad()
