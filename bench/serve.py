@@ -18,6 +18,10 @@ all of them; the median of the repetitions is reported.
   default: the same arithmetic as the other sides; q8_0 / q4_K_M to show what quantisation buys). Skipped with a
   reason when llama-cpp-python is not available (models/export.py ``llama_cpp_module``).
 - Work done is checked: greedy replies of our server must equal the previous server's for the same prompt.
+- Each side is its own server process, as a deployment runs it (ours is the ``instructkit serve`` command itself),
+  and the clients are threads of this process. Servers and clients in one process would share one interpreter lock:
+  every client thread and every other server's threads then stall the engine thread between its tensor operations
+  (the lock is handed over at most every 5 ms), which is a property of the benchmark, not of a server.
 
 Appends the run to bench/results/serve.json (or ``--out``; ``{"runs": [...]}``, earlier runs kept) and prints a
 markdown table. Needs an idle machine: do not run it next to other jobs (``--smoke`` runs a tiny model in seconds to
@@ -118,6 +122,68 @@ class LlamaCppFront:
         self.httpd.server_close()
 
 
+class SideProcess:
+    """One server side in its own process: it prints one JSON line ``{"url": ...}`` when it listens; stopped by
+    closing its stdin (the side modes of this script) or by a signal (``instructkit serve``)."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path):
+        self.name = name
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     cwd=str(ROOT))
+        line = ""
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self._log.flush()
+                raise SystemExit(f"side {name!r} exited before serving (exit code {self.proc.wait()}); its log: {log}"
+                                 f"\n{log.read_text()[-3000:]}")
+            try:
+                self.base_url = json.loads(line)["url"]
+                break
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line of something else on stdout
+        # keep draining stdout, so that a side that prints more never blocks on a full pipe
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+
+def serve_side(args) -> int:
+    """``--serve-side previous|llama.cpp``: run that side's server in this process until stdin closes."""
+    import torch
+
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    model, tok = load_side_model(args.model)
+    if args.serve_side == "previous":
+        beng, bsrv = baseline_modules()
+        srv = bsrv.OpenAIServer(beng.Engine(model, tok), "m", port=0,
+                                limits=bsrv.ServerLimits(max_tokens_limit=4096)).start()
+        url, stop = srv.base_url, srv.stop
+    else:
+        from instructkit.generation.engine import Engine
+
+        stop_ids = Engine(model, tok).chat_stop_token_ids()
+        front = LlamaCppFront(Path(args.gguf), args.threads or len(os.sched_getaffinity(0)), tok, stop_ids)
+        del model
+        url, stop = front.base_url, front.stop
+    print(json.dumps({"url": url}), flush=True)
+    sys.stdin.read()  # until the benchmark closes our stdin (or exits)
+    stop()
+    return 0
+
+
 def load_side_model(path: str):
     import torch  # noqa: F401
 
@@ -203,14 +269,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 requests per client count, 4 tokens")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    ap.add_argument("--serve-side", choices=["previous", "llama.cpp"], help=argparse.SUPPRESS)  # a side's process
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.serve_side:
+        return serve_side(args)
     if not args.smoke:
         earlier_runs(Path(args.out))  # an unreadable results file stops here, before the measurement, not after
 
-    import torch
-
-    threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    threads = args.threads or len(os.sched_getaffinity(0))  # the cores this run may use (taskset is honoured)
     work = Path(tempfile.mkdtemp(prefix="ik_bench_serve_"))
     if args.smoke:
         from instructkit.models.tiny import create_tiny
@@ -219,49 +286,53 @@ def main(argv=None) -> int:
         args.requests, args.max_tokens, args.reps = 4, 4, 1
         args.out = str(work / "serve.json")
 
-    from instructkit.generation.engine import Engine
-    from instructkit.generation.server import OpenAIServer, ServerLimits
+    logs = Path(tempfile.mkdtemp(prefix="ik_bench_serve_logs_"))
+    sides: dict[str, SideProcess] = {}
 
-    model, tok = load_side_model(args.model)
-    sides: dict[str, tuple] = {}
-    ours = OpenAIServer(Engine(model, tok, max_batch_size=64), "m", port=0,
-                        limits=ServerLimits(max_batch_rows=64, max_tokens_limit=4096)).start()
-    sides["instructkit serve (batched)"] = (ours.base_url, ours.stop)
-    if not args.no_baseline:
-        beng, bsrv = baseline_modules()
-        old = bsrv.OpenAIServer(beng.Engine(model, tok), "m", port=0,
-                                limits=bsrv.ServerLimits(max_tokens_limit=4096)).start()
-        sides[f"previous server ({BASELINE_COMMIT}, stdlib, one lock)"] = (old.base_url, old.stop)
-    llama_note = None
-    if not args.no_llama_cpp:
-        from instructkit.models.export import export_gguf, llama_cpp_module, llama_cpp_unavailable_reason
+    def side(name: str, cmd: list[str]) -> None:
+        sides[name] = SideProcess(name, cmd, logs / f"side{len(sides)}.log")
 
-        if llama_cpp_module() is None:
-            llama_note = f"skipped: {llama_cpp_unavailable_reason()}"
-            print(f"llama.cpp side {llama_note}", file=sys.stderr, flush=True)
-        else:
-            from instructkit.models.load import resolve_path
+    try:
+        # ours: the `instructkit serve` command as users run it (batching up to 64 rows)
+        side("instructkit serve (batched)",
+             [sys.executable, "-m", "instructkit", "serve", "--model", args.model, "--port", "0", "--name", "m",
+              "--threads", str(threads), "--max-batch-rows", "64", "--max-tokens-limit", "4096",
+              "--idle-timeout", "3600"])
+        me = [sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--threads", str(threads)]
+        if not args.no_baseline:
+            side(f"previous server ({BASELINE_COMMIT}, stdlib, one lock)", me + ["--serve-side", "previous"])
+        llama_note = None
+        if not args.no_llama_cpp:
+            from instructkit.models.export import export_gguf, llama_cpp_module, llama_cpp_unavailable_reason
 
-            src = resolve_path(args.model)
-            gguf = export_gguf(src, work / f"model-{args.gguf_type}.gguf", args.gguf_type)
-            front = LlamaCppFront(gguf, threads, tok, ours.engine.chat_stop_token_ids())
-            sides[f"llama.cpp (llama-cpp-python Llama, {args.gguf_type} GGUF, one sequence at a time)"] = (
-                front.base_url, front.stop)
+            if llama_cpp_module() is None:
+                llama_note = f"skipped: {llama_cpp_unavailable_reason()}"
+                print(f"llama.cpp side {llama_note}", file=sys.stderr, flush=True)
+            else:
+                from instructkit.models.load import resolve_path
+
+                gguf = export_gguf(resolve_path(args.model), work / f"model-{args.gguf_type}.gguf", args.gguf_type)
+                side(f"llama.cpp (llama-cpp-python Llama, {args.gguf_type} GGUF, one sequence at a time)",
+                     me + ["--serve-side", "llama.cpp", "--gguf", str(gguf)])
+    except BaseException:
+        for sp in sides.values():
+            sp.stop()
+        raise
 
     prompts_all = prompts_for(max(args.requests, max(args.clients)))
     results = []
     load_before = os.getloadavg()
     try:
-        for name, (url, _) in sides.items():  # warm-up
-            drive(url, "m", prompts_all[:2], 2, args.max_tokens)
+        for name, sp in sides.items():  # warm-up
+            drive(sp.base_url, "m", prompts_all[:2], 2, args.max_tokens)
         for c in args.clients:
             prompts = prompts_all[:max(args.requests, c)]
             runs: dict[str, list[dict]] = {n: [] for n in sides}
-            for name, (url, _) in sides.items():  # untimed: the decode step's per-batch-size set-up happens here
-                drive(url, "m", prompts[:c], c, args.max_tokens)
+            for name, sp in sides.items():  # untimed: the decode step's per-batch-size set-up happens here
+                drive(sp.base_url, "m", prompts[:c], c, args.max_tokens)
             for _ in range(args.reps):
-                for name, (url, _) in sides.items():
-                    runs[name].append(drive(url, "m", prompts, c, args.max_tokens))
+                for name, sp in sides.items():
+                    runs[name].append(drive(sp.base_url, "m", prompts, c, args.max_tokens))
             row = {"clients": c, "requests": len(prompts)}
             for name, rs in runs.items():
                 row[name] = {k: statistics.median(r[k] for r in rs) for k in
@@ -275,14 +346,15 @@ def main(argv=None) -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
     finally:
-        for _, stop in sides.values():
-            stop()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+        for sp in sides.values():
+            sp.stop()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the server processes (stopped and waited for above)
     record = {"command": " ".join([sys.executable, *sys.argv]), "model": args.model,
-              "scheduler": "continuous batching" if ours.scheduler.continuous else "whole batches", "max_tokens": args.max_tokens,
+              "processes": "one per side; clients are threads of the benchmark process",
+              "max_tokens": args.max_tokens,
               "threads": threads, "reps": args.reps, "llama_cpp": llama_note or args.gguf_type,
               "cpu": _cpu_model(), "load_before": load_before, "load_after": os.getloadavg(),
-              "cpu_time_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+              "cpu_time_s_servers": usage.ru_utime + usage.ru_stime, "peak_rss_mb_largest_server": usage.ru_maxrss / 1024,
               "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "results": results}
     out = Path(args.out)
     runs = earlier_runs(out) + [record]
