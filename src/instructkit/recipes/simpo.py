@@ -25,13 +25,14 @@ def main(cfg: SimPOConfig) -> dict[str, Any]:
     from instructkit.models.load import load_model_and_tokenizer
     from instructkit.training.run import Run
 
-    run = Run.start(cfg, "simpo")
+    run = Run.start(cfg, "simpo", shardable=True)
 
     # -- data (read and checked before the model is loaded)
     train_pairs, val_pairs, read_stats = read_pairs(cfg, run)
 
     # -- model (no reference: SimPO's reward is the policy's own length-normalised log-likelihood)
     model, tok = load_model_and_tokenizer(run.model_config(), cfg.lora, precision=run.precision)
+    model = run.prepare(model)  # activation checkpointing, FSDP2 (training/pairs.py routes every forward)
     renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
 
     # -- encode
@@ -43,5 +44,7 @@ def main(cfg: SimPOConfig) -> dict[str, Any]:
 
     # -- loop, held-out evaluation (loss, margin beta (avg_w - avg_l), accuracy) and save
     initial_eval, final_eval = train_on_pairs(run, model, train_items, val_items, tok.pad_token_id, pair_loss)
-    return run.finish(model, tok, {"train_pairs": len(train_items), "initial_eval": initial_eval, **final_eval},
+    return run.finish(model, tok, {"train_pairs": len(train_items), "initial_eval": initial_eval, **final_eval,
+                                   "sharding": cfg.train.sharding,
+                                   "gradient_checkpointing": cfg.train.gradient_checkpointing},
                       template=renderer.template)

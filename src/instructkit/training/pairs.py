@@ -15,6 +15,12 @@ the same function scores a training micro-batch and the whole held-out set.
   schedule, clipping, checkpoints, resume), held-out evaluation at step 0, on ``train.eval_every`` and at the end.
   A micro-batch's loss is ``pair_loss`` times its pair count and the step divides by all its pairs, so a step's loss
   does not depend on how it is split into micro-batches or processes.
+
+``train.sharding: fsdp2`` and ``train.gradient_checkpointing`` (training/sharding.py, docs/distributed.md): the recipe
+applies them with ``run.prepare`` after loading the model (there is no reference model to keep whole); every forward,
+training and held-out, runs through the FSDP root (``sharding.route``). Every rank evaluates every held-out pair, so
+the held-out forwards are the same on every rank (lockstep); a training step's filler passes (a rank with fewer
+micro-batches) repeat one of its micro-batches and are not counted in the metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from instructkit.data.preference import EncodedPair, encode_pairs
 from instructkit.data.sources import read_sources, split_validation
 from instructkit.models.value_head import response_logprobs
 from instructkit.rl.rollout import prompt_response_batch
+from instructkit.training import sharding
 
 PairLoss = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -81,8 +88,8 @@ def evaluate_pairs(model, items: list[EncodedPair], pad_id: int, pair_loss: Pair
     was = model.training
     model.eval()
     chosen, rejected = [], []
-    for i in range(0, len(items), batch_size):
-        c, r = average_logps(model, pair_batch(items[i:i + batch_size], pad_id))
+    for i in range(0, len(items), batch_size):  # every rank runs every batch: lockstep under sharding
+        c, r = sharding.route(average_logps)(model, pair_batch(items[i:i + batch_size], pad_id))
         chosen.append(c)
         rejected.append(r)
     model.train(was)
@@ -102,13 +109,17 @@ def train_on_pairs(run, model, train_items: list[EncodedPair], val_items: list[E
         initial_eval = evaluate_pairs(model, val_items, pad_id, pair_loss)
         run.log({"step": 0, **initial_eval})
 
-    step_metrics: list[dict[str, float]] = []
+    # the metric names, named for the reduction (a rank without micro-batches in a step has none of its own)
+    metric_keys = sorted(pair_loss(torch.full((1,), -1.0), torch.full((1,), -2.0))[1])
+    step_metrics: dict[int, dict[str, float]] = {}  # by micro-batch: a sharded filler pass repeats one, not counted
 
     def loss_fn(m, batch):
         chosen, rejected = average_logps(m, batch)
         loss, metrics = pair_loss(chosen, rejected)
-        step_metrics.append({k: float(v) * batch["n"] for k, v in metrics.items()})
+        step_metrics[id(batch)] = {k: float(v) * batch["n"] for k, v in metrics.items()}
         return loss * batch["n"], torch.tensor(batch["n"])  # summed over pairs: the step divides by all its pairs
+
+    loss_fn = sharding.route(loss_fn)  # under fsdp2 the root's hooks wrap the whole loss
 
     model.train()
     for step in range(start, run.total_steps):
@@ -120,7 +131,8 @@ def train_on_pairs(run, model, train_items: list[EncodedPair], val_items: list[E
         rec = run.step_record(done, res)
         rec["pairs"] = res.units
         rec["pairs_per_s"] = res.units / res.seconds if res.seconds > 0 else None
-        rec.update(run.dist.sum_metrics(step_metrics, res.units))  # pair-weighted means over all ranks
+        real = [step_metrics[id(b)] for b in mbs if id(b) in step_metrics]
+        rec.update(run.dist.sum_metrics(real, res.units, metric_keys))  # pair-weighted means over all ranks
         if run.due("eval", done):
             rec.update(evaluate_pairs(model, val_items, pad_id, pair_loss))
         run.after_step(done, rec, state={"initial_eval": initial_eval}, throughput="pairs_per_s")
