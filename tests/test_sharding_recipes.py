@@ -203,3 +203,82 @@ def test_pair_recipe_checkpointing_and_fsdp2_two_processes_equal_one_plain_proce
     AutoModelForCausalLM.from_pretrained(multi / "final", dtype=torch.float32)
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["sharding"] == "fsdp2" and summary["gradient_checkpointing"] and summary["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GRPO
+# ---------------------------------------------------------------------------------------------------------------------
+GRPO_KEYS = ("loss", "grad_norm", "reward", "response_length", "groups_flat", "groups_dropped", "ratio", "approx_kl",
+             "clipfrac_low", "clipfrac_high", "kl")
+
+# Prompts 0 and 1 never earn a reward (their groups are flat and dynamic sampling drops them); 2 and 3 earn the
+# fraction of the response's tokens in 300..363. The recipe's draw of iteration 0 (random.Random("0:0"), 4 of 4)
+# puts prompts 0 and 1 on rank 0, so rank 0 has no update to make while rank 1 has: the sharded run must keep the
+# ranks in lockstep with an empty pass.
+GRPO_REWARD = '''
+def learn_or_flat(prompts, completions, completion_ids, **_):
+    wanted = set(range(300, 364))
+    return [sum(t in wanted for t in ids) / len(ids) if ids and "learn" in msgs[-1]["content"] else 0.0
+            for msgs, ids in zip(prompts, completion_ids)]
+'''
+
+
+def write_grpo(tmp: Path, name: str, train: dict, **top) -> Path:
+    prompts = ["Say anything.", "Name a colour.", "Please learn to count.", "Please learn a word."]
+    data = tmp / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                     {"role": "assistant", "content": "ok"}]}) + "\n"
+                            for p in prompts))
+    (tmp / "grpo_test_reward.py").write_text(GRPO_REWARD)
+    cfg = {"model": {"path": "tiny:"}, "data": {"sources": [{"path": str(data)}], "max_length": 64},
+           "train": {"output_dir": str(tmp / "runs"), "run_name": name, "max_steps": 3, "micro_batch_size": 4,
+                     "threads": 1, "lr": 0.001, "schedule": "constant", "save_every": 0, "seed": 0, **train},
+           "rewards": [{"function": "grpo_test_reward:learn_or_flat"}], "prompts_per_step": 4, "num_generations": 4,
+           "updates_per_batch": 2, "max_new_tokens": 6, "temperature": 1.0, "kl_coef": 0.1, "aggregation": "token",
+           "dynamic_sampling": True, **top}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_grpo_checkpointing_and_fsdp2_two_processes_equal_one_plain_process(tmp_path, lora):
+    """GRPO with a KL to the reference (full weights: a frozen copy kept whole per process; LoRA: the policy with its
+    adapter disabled, run inside the FSDP root), two updates per rollout batch (the rollout policy's log-probs through
+    the root) and dynamic sampling: (a) one process with train.gradient_checkpointing == the plain process; (b)
+    `torchrun --nproc_per_node 2 ... train.sharding=fsdp2 train.gradient_checkpointing=true` (rollouts generated from
+    the gathered weights, 2 prompts per process) == the plain process: rewards, lengths, dropped groups, per-step
+    losses, gradient norms, ratios and KLs within 1e-5, and final/ (full weights, or the adapter) within 1e-5."""
+    import os
+    import random
+
+    from safetensors.torch import load_file
+    from sft_helpers import env
+
+    assert set(random.Random("0:0").sample(range(4), 4)[:2]) == {0, 1}  # rank 0's share of iteration 0: both flat
+    top = {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}} if lora else {}
+    e = {**env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    runs = {"plain": ([sys.executable], {}), "ckpt": ([sys.executable], {"gradient_checkpointing": True}),
+            "multi": (_torchrun(2), {"sharding": "fsdp2", "gradient_checkpointing": True})}
+    for name, (prefix, train) in runs.items():
+        cfg = write_grpo(tmp_path, name, train, **top)
+        p = subprocess.run(prefix + ["-m", "instructkit", "grpo", "--config", str(cfg)], env=e, cwd=ROOT,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    plain = tmp_path / "runs" / "plain"
+    recs = _records(plain)
+    assert all(r.get(k) is not None for r in recs for k in GRPO_KEYS)  # every key is compared below
+    assert recs[0]["groups_dropped"] >= 2 and recs[-1]["kl"] > 0  # the flat prompts were dropped; the policy moved
+    for other in ("ckpt", "multi"):
+        assert_same_records(recs, _records(tmp_path / "runs" / other), GRPO_KEYS)
+        a = load_file(str(plain / "final" / weights))
+        b = load_file(str(tmp_path / "runs" / other / "final" / weights))
+        # Adam divides by sqrt(v) + 1e-8: an element whose gradient is ~1e-8 (a rarely sampled token's embedding
+        # row) turns float-rounding differences of its gradient into update differences of a few % of lr, so the
+        # bound is 0.1 lr (seen: one element of 32768 at 3.5e-5, every other within 1e-5)
+        assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+        assert sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a) <= 4
+    summary = json.loads((tmp_path / "runs" / "multi" / "summary.json").read_text())
+    assert summary["sharding"] == "fsdp2" and summary["gradient_checkpointing"] and summary["world_size"] == 2
+

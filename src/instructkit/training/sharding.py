@@ -180,6 +180,11 @@ def gathered(root: torch.nn.Module):
     if not units:
         yield unwrap(root)
         return
+    # FSDP takes the first unit to run a forward as its root: before the root has run one (an RL recipe generates
+    # before it trains), a decoder layer called directly would claim that role and break every later forward. An empty
+    # pass through the root settles it (it all-gathers the root unit, which is gathered next anyway).
+    with torch.no_grad():
+        root(lambda inner: None)
     for u in units:
         u.set_reshard_after_forward(False, recurse=False)
         u.unshard()
