@@ -251,15 +251,13 @@ def test_sft_fsdp2_sigkill_then_resume_equals_uninterrupted(tmp_path, processes)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("recipe, cls, extra", [("ppo", "PPOConfig", ["reward_function=m:f"])])
-def test_recipes_without_sharding_refuse_it(recipe, cls, extra, tmp_path):
-    """Not wired yet in these recipes: refused with the reason, never silently ignored."""
+def test_a_recipe_without_sharding_refuses_it(tmp_path):
+    """Every training recipe applies train.sharding and train.gradient_checkpointing now; one that does not declare
+    it (Run.start without shardable=True) refuses them with the reason, never silently ignores them."""
     import instructkit.config as C
-    from instructkit.recipes import ppo
+    from instructkit.training.run import Run
 
-    main = {"ppo": ppo.main}[recipe]
     for override in ("train.sharding=fsdp2", "train.gradient_checkpointing=true"):
-        cfg = C.load_config(getattr(C, cls), None, [override, "model.path=x", f"train.output_dir={tmp_path}",
-                                                          *extra])
-        with pytest.raises(C.ConfigError, match=f"not available in `{recipe}`"):
-            main(cfg)
+        cfg = C.load_config(C.DPOConfig, None, [override, "model.path=x", f"train.output_dir={tmp_path}"])
+        with pytest.raises(C.ConfigError, match="not available in `new-recipe`"):
+            Run.start(cfg, "new-recipe")

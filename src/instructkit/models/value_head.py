@@ -189,6 +189,11 @@ class ActorCritic(nn.Module):
         self.value_head = value_head
         self.critic = critic
 
+    def pretrained_parts(self) -> list[nn.Module]:
+        """The transformers models inside (the policy, and a separate critic): activation checkpointing applies to
+        each (training/sharding.prepare_training)."""
+        return [m for m in (self.policy, self.critic) if m is not None]
+
     def values(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
                response_width: int) -> torch.Tensor:
         """(B, R) value of the state before each response token of a prompt/response batch (B, P+R); ``hidden``

@@ -13,6 +13,16 @@ prompts, the sampling seeds and the mini-batch order are pure functions of the i
 Simplifications, said plainly: one response per prompt; the reward model must share the policy's tokenizer (true for
 InstructGPT's same-backbone RM); dropout is off in rollouts and updates so the ratio is exactly 1 before the first
 update (Huang et al. detail 2); ptx mini-batches are drawn in a seeded order and averaged per micro-batch.
+
+``train.sharding: fsdp2`` and ``train.gradient_checkpointing`` (training/sharding.py, docs/distributed.md): the
+actor-critic (policy, and the value head or the separate critic) is sharded as one FSDP root; the frozen reference copy
+and the reward model stay whole in every process (their forwards need no collective). Rollouts are generated inside
+``sharding.gathered``: every layer is all-gathered once per iteration and each process samples its rows alone. That is
+the simplest correct design: a sharded forward is a collective, and lockstep generation would need every process to
+run as many decode steps as the slowest row of any process, one all-gather per layer per token. The price is the full
+weights in memory while generating. Scoring (one forward per process per iteration) and every update run through the
+FSDP root (``sharding.route``); the updates run in lockstep (a process holding no row of a mini-batch takes an empty
+pass). final/ is the policy, gathered into the same plain model folder (or adapter) as the unsharded run's.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from instructkit.models.value_head import (ActorCritic, ValueHead, disable_dropo
 from instructkit.rl.advantage import (AdaptiveKLController, FixedKLController, gae, kl_estimate,
                                       kl_penalized_rewards, masked_whiten, penalize_missing_eos)
 from instructkit.rl.rollout import Trajectory, encode_prompts, load_reward_function, make_rollout_batch
+from instructkit.training import sharding
 
 
 def build_models(cfg: PPOConfig, run):
@@ -99,10 +110,11 @@ UPDATE_KEYS = ("_n", "policy_loss", "value_loss", "entropy", "clipfrac", "approx
                "explained_variance")
 
 
-def ppo_loss(model: ActorCritic, mb, cfg: PPOConfig, sink: list) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_loss(model: ActorCritic, mb, cfg: PPOConfig, sink: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """training/loop.py's loss function of one micro-batch (a Trajectory slice and an optional ptx batch): the
     clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy (+ ptx_coef * the SFT loss), token
-    means times the token count (the loop divides by the step's tokens); the statistics go to ``sink``."""
+    means times the token count (the loop divides by the step's tokens); the statistics go to ``sink[id(mb)]`` (keyed
+    by micro-batch: a sharded filler pass repeats one and must not count twice)."""
     from instructkit.models.load import causal_lm_parts, packed_hidden_states
 
     traj, ptx_batch = mb
@@ -128,7 +140,7 @@ def ppo_loss(model: ActorCritic, mb, cfg: PPOConfig, sink: list) -> tuple[torch.
         ptx_mean = s / k.clamp(min=1)
         loss = loss + cfg.ptx_coef * ptx_mean
         stats["ptx_loss"] = ptx_mean.item()
-    sink.append({k: v * float(n) for k, v in stats.items()} | {"_n": float(n)})
+    sink[id(mb)] = {k: v * float(n) for k, v in stats.items()} | {"_n": float(n)}
     return loss * n, n.long()
 
 
@@ -161,7 +173,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     from instructkit.training.loop import read_metrics
     from instructkit.training.run import Run, data_fingerprint
 
-    run = Run.start(cfg, "ppo")
+    run = Run.start(cfg, "ppo", shardable=True)
     dist, B = run.dist, cfg.rollout_batch_size
     lo, hi = dist.rank * B // dist.world_size, (dist.rank + 1) * B // dist.world_size  # this rank's rows of a batch
     reduce = dist.all_reduce_sum if dist.world_size > 1 else None  # whitening statistics over every rank's rows
@@ -172,7 +184,8 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     # -- models
     ac, reference, tok, rm, rm_norm = build_models(cfg, run)
     disable_dropout(ac)
-    policy = ac.policy
+    policy = ac.policy  # the inner policy: generation
+    model = run.prepare(ac)  # activation checkpointing, FSDP2 (the reference copy and the reward model stay whole)
     renderer = Renderer.from_config(tok, cfg.model.template, cfg.data)
     pad_id, stop_ids = tok.pad_token_id, renderer.stop_token_ids
     reward_fn = load_reward_function(cfg.reward_function) if cfg.reward_function else None
@@ -192,13 +205,19 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     n_mini = B // mini
     iterations = cfg.train.max_steps or 1
     run.scheduler_steps = iterations * cfg.ppo_epochs * n_mini
-    start = run.setup(ac, total_steps=iterations, fingerprint=data_fingerprint([[x["ids"] for x in prompts], ptx]))
+    start = run.setup(model, total_steps=iterations, fingerprint=data_fingerprint([[x["ids"] for x in prompts], ptx]))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl \
         else FixedKLController(cfg.kl_coef)
     if run.resumed_from is not None:
         kl_ctl.value = float(run.state["kl_coef"])
     mb_stats: list[dict[str, float]] = []
-    loss_fn = partial(ppo_loss, cfg=cfg, sink=mb_stats)
+    step_stats: dict[int, dict[str, float]] = {}
+    loss_fn = sharding.route(partial(ppo_loss, cfg=cfg, sink=step_stats))
+
+    def score(m: ActorCritic, ids, attn, p: int, r: int):  # (B, R, V) logits, (B, R) reference log-probs and values
+        logits, hidden = response_logits(m.policy, ids, attn, p, r, cfg.temperature)
+        return logits, reference_logprobs(m.policy, reference, ids, attn, p, r, cfg.temperature), \
+            m.values(hidden, ids, attn, p, r)
 
     # -- iterations
     for it in range(start, iterations):
@@ -207,21 +226,21 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         rows = [prompts[i] for i in chosen[lo:hi]]
 
         # rollouts: this rank's rows; row i of the whole batch samples with seed base + i on any rank
-        ac.eval()
+        model.eval()
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                 stop_token_ids=stop_ids, seed=cfg.train.seed * 1_000_003 + it + lo,
                                 logprobs=False)  # the update recomputes them with the value head
-        outputs = engine.generate([x["ids"] for x in rows], params)
+        with sharding.gathered(model):  # every process; then each generates alone, no collective per token
+            outputs = engine.generate([x["ids"] for x in rows], params)
         batch, ended = make_rollout_batch([x["ids"] for x in rows], outputs, stop_ids, pad_id)
         ids, attn = batch["input_ids"], batch["attention_mask"]
         p, r, mask = batch["prompt_width"], batch["response_width"], batch["response_mask"]
 
         # scoring: old and reference log-probs, values, scores (missing-EOS penalty), KL-penalised rewards, GAE
-        with torch.no_grad():
-            logits, hidden = response_logits(policy, ids, attn, p, r, cfg.temperature)
+        with torch.no_grad():  # one forward per process: the same on every process under sharding
+            logits, ref_logp, values = sharding.route(score)(model, ids, attn, p, r)
             old_logp = gather_logprobs(logits, ids[:, p:p + r]) * mask
-            ref_logp = reference_logprobs(policy, reference, ids, attn, p, r, cfg.temperature)
-            values = ac.values(hidden, ids, attn, p, r) * mask
+            values = values * mask
             raw_scores = scores_of(cfg, rm, rm_norm, reward_fn, rows, outputs, batch)
             scores = penalize_missing_eos(raw_scores, ended, cfg.missing_eos_penalty)
             rewards, _ = kl_penalized_rewards(old_logp, ref_logp, mask, scores, kl_ctl.value, cfg.kl_estimator)
@@ -245,7 +264,13 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 mine = idx[(idx >= lo) & (idx < hi)] - lo
                 micro = [(traj.select(mine[j:j + cfg.train.micro_batch_size]), ptx_micro_batch(ptx, rng, cfg, pad_id))
                          for j in range(0, len(mine), cfg.train.micro_batch_size)]
+                if not micro and sharding.is_sharded(model):  # no row here: an empty pass keeps the lockstep
+                    empty = traj.select(torch.zeros(1, dtype=torch.long))
+                    empty.response_mask = torch.zeros_like(empty.response_mask)
+                    micro = [(empty, None)]
+                step_stats.clear()
                 res = run.optimizer_step(micro, loss_fn, lambda mb: int(mb[0].response_mask.sum()), step=it)
+                mb_stats.extend(step_stats[id(mb)] for mb in micro if id(mb) in step_stats)
                 if res.grad_norm is not None:
                     grad_norms.append(res.grad_norm)
 
@@ -259,8 +284,9 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                                        for x, o, s in list(zip(rows, outputs, raw_scores))[:4]])
 
     records = read_metrics(run.run_dir) if run.is_main else []
-    return run.finish(policy, tok, {
+    return run.finish(model, tok, {
         "iterations": iterations,
         "first": {k: records[0].get(k) for k in ("score", "kl", "response_length")} if records else {},
-        "last": {k: records[-1].get(k) for k in ("score", "kl", "response_length", "kl_coef")} if records else {}},
-        template=renderer.template)
+        "last": {k: records[-1].get(k) for k in ("score", "kl", "response_length", "kl_coef")} if records else {},
+        "sharding": cfg.train.sharding, "gradient_checkpointing": cfg.train.gradient_checkpointing},
+        template=renderer.template, part="policy")

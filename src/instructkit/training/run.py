@@ -335,9 +335,11 @@ class Run:
 
     # -- finish ---------------------------------------------------------------------------------------------------------
     def finish(self, model: torch.nn.Module, tokenizer, summary: dict[str, Any], *, template: str | None = None,
-               kind: str = "causal", reward_norm: tuple[float, float] = (0.0, 1.0)) -> dict[str, Any]:
+               kind: str = "causal", reward_norm: tuple[float, float] = (0.0, 1.0), part: str | None = None
+               ) -> dict[str, Any]:
         """Write ``final/`` (``kind``: "causal" or "reward"), then ``summary.json`` (common keys, then the recipe's
-        ``summary``). Every rank must call it; returns the summary."""
+        ``summary``). ``part``: the submodule of ``model`` that is the model to save (PPO trains an actor-critic and
+        saves its ``policy``). Every rank must call it; returns the summary."""
         from instructkit.config import save_config
         from instructkit.training import sharding
 
@@ -352,11 +354,11 @@ class Run:
 
                 save_reward_model(full, tokenizer, out, *reward_norm)
         elif sharding.is_sharded(model):
-            sharding.save_full_model(model, tokenizer, out, self.is_main)
+            sharding.save_full_model(model, tokenizer, out, self.is_main, part=part)
         elif self.is_main:
             from instructkit.models.load import save_model
 
-            save_model(model, tokenizer, out)
+            save_model(model.get_submodule(part) if part else model, tokenizer, out)
         if self.is_main:
             if template:
                 (out / "chat_template.jinja").write_text(template)

@@ -239,16 +239,21 @@ def load_full_state(root: torch.nn.Module, optimizer, model_state: dict[str, tor
         set_optimizer_state_dict(root, optimizer, optimizer_state, options=opts)
 
 
-def save_full_model(root: torch.nn.Module, tokenizer, out_dir, is_main: bool):
+def save_full_model(root: torch.nn.Module, tokenizer, out_dir, is_main: bool, part: str | None = None):
     """``final/`` of a sharded run: the full weights gathered on rank 0 and written as a plain Hugging Face folder (or a
-    peft adapter folder), exactly what the unsharded path writes. Every rank must call it."""
+    peft adapter folder), exactly what the unsharded path writes. ``part``: the submodule to save when the trained
+    module holds more than the model (PPO's actor-critic: its ``policy``). Every rank must call it."""
     from pathlib import Path
 
     state = full_state_dict(root)
+    model = unwrap(root)
+    if part:
+        model = model.get_submodule(part)
+        state = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
     out = Path(out_dir)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        unwrap(root).save_pretrained(out, state_dict=state, safe_serialization=True)
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -286,7 +291,9 @@ def prepare_training(model: torch.nn.Module, train_cfg, dist: DistContext) -> tu
     if getattr(train_cfg, "gradient_checkpointing", False):
         from instructkit.models.load import enable_activation_checkpointing
 
-        n = enable_activation_checkpointing(model)
+        # a module of several models (PPO's actor-critic with a separate critic) names them in pretrained_parts()
+        parts = model.pretrained_parts() if hasattr(model, "pretrained_parts") else [model]
+        n = sum(enable_activation_checkpointing(part) for part in parts)
         log.info("activation checkpointing: %d layers", n)
     mode = getattr(train_cfg, "sharding", "none") or "none"
     if mode not in SHARDING_CHOICES:
