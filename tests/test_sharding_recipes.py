@@ -1,4 +1,4 @@
-"""train.sharding=fsdp2 and train.gradient_checkpointing in the preference recipes, through the CLI: 2 sharded
+"""train.sharding=fsdp2 and train.gradient_checkpointing in the preference and RL recipes, through the CLI: 2 sharded
 processes equal one unsharded process (per-step losses within 1e-5), activation checkpointing changes no loss, a
 sharded run killed with SIGKILL and resumed equals the uninterrupted one, and final/ is a full model.
 The SFT counterparts are in tests/test_sharding.py (whose torchrun helpers these tests use)."""
@@ -248,7 +248,8 @@ def test_grpo_checkpointing_and_fsdp2_two_processes_equal_one_plain_process(tmp_
     the root) and dynamic sampling: (a) one process with train.gradient_checkpointing == the plain process; (b)
     `torchrun --nproc_per_node 2 ... train.sharding=fsdp2 train.gradient_checkpointing=true` (rollouts generated from
     the gathered weights, 2 prompts per process) == the plain process: rewards, lengths, dropped groups, per-step
-    losses, gradient norms, ratios and KLs within 1e-5, and final/ (full weights, or the adapter) within 1e-5."""
+    losses, gradient norms, ratios and KLs within 1e-5, and final/ (full weights, or the adapter) within 1e-5 but for
+    at most 4 elements, which stay within 1e-4 (see below)."""
     import os
     import random
 
