@@ -314,6 +314,11 @@ class DataConfig:
     """Remove exact duplicates before training."""
     seed: int = 0
     """Seed for shuffling and mixing (data order never depends on model initialisation)."""
+    num_workers: int = 0
+    """Processes that render and tokenise the training data (`sft`, and the SFT stage of `quickstart`); 0 or 1 does it
+    in the training process. The samples are identical whatever the number (same order, ids, masks; the tokenisation
+    cache is shared), so it only changes how long tokenisation takes. Recipes that tokenise pairs or prompts refuse
+    a value above 1."""
 
 
 @dataclass
@@ -404,6 +409,8 @@ class SFTConfig:
             raise ConfigError(f"data.mask must be all_assistant, last_assistant or all, got {self.data.mask!r}")
         if self.data.reasoning not in ("train", "mask", "drop"):
             raise ConfigError(f"data.reasoning must be train, mask or drop, got {self.data.reasoning!r}")
+        if self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
 
 
 @dataclass

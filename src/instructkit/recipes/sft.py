@@ -83,14 +83,17 @@ def render_samples(conversations: list, tokenizer, cfg: SFTConfig, run=None, lab
     from instructkit.training.loop import progress_bar
 
     renderer = Renderer.from_config(tokenizer, cfg.model.template, cfg.data)
+    workers = cfg.data.num_workers
 
     def render() -> list:
-        out = []
         bar = progress_bar(len(conversations), 0, run is None or run.is_main, desc=label, unit="examples")
-        for conv in conversations:  # one sample per sequence: several when the template re-renders earlier turns
-            for r in renderer.render_examples(conv, mask=cfg.data.mask):
-                out.append([list(r.input_ids), list(r.loss_mask)])
-            bar.update(1)
+        if workers > 1 and len(conversations) > 1:
+            out = _render_in_workers(conversations, tokenizer, cfg, workers, bar)
+        else:
+            out = []
+            for conv in conversations:
+                out += _render_one(renderer, conv, cfg.data.mask)
+                bar.update(1)
         bar.close()
         return out
 
@@ -101,6 +104,56 @@ def render_samples(conversations: list, tokenizer, cfg: SFTConfig, run=None, lab
         rows = run.cached(label, [[c.to_dict() for c in conversations], renderer.template, tokenizer_fingerprint(
             tokenizer), d.mask, d.reasoning, d.train_tool_calls, d.chat_template_kwargs, cfg.model.template], render)
     return [Sample(ids, mask) for ids, mask in rows]
+
+
+def _render_one(renderer, conv, mask: str) -> list:
+    """[input_ids, loss_mask] rows of one conversation: one per sequence, several when the template re-renders
+    earlier turns."""
+    return [[list(r.input_ids), list(r.loss_mask)] for r in renderer.render_examples(conv, mask=mask)]
+
+
+_WORKER_RENDERER = None  # in a tokenisation worker process: its Renderer, built once by _worker_init
+
+
+def _worker_init(tokenizer, template, data_cfg) -> None:
+    global _WORKER_RENDERER
+    import torch
+
+    from instructkit.chat.render import Renderer
+
+    torch.set_num_threads(1)
+    _WORKER_RENDERER = Renderer.from_config(tokenizer, template, data_cfg)
+
+
+def _worker_render(chunk: list, mask: str) -> list:
+    return [row for conv in chunk for row in _render_one(_WORKER_RENDERER, conv, mask)]
+
+
+def _render_in_workers(conversations: list, tokenizer, cfg: SFTConfig, workers: int, bar) -> list:
+    """``data.num_workers`` processes render and tokenise ``conversations``; the rows are the same, in the same order,
+    as rendering them in this process.
+
+    Chunks are contiguous slices taken in order and their results are concatenated in order (``Executor.map`` keeps
+    it), so the output is the in-process output cut in pieces and glued back; four chunks per worker balance uneven
+    conversation lengths. The workers are started with ``spawn`` (no fork of a process that may hold threads: torch's,
+    a progress bar's); each one builds the same Renderer from the pickled tokenizer, template name and data settings.
+    An error in a worker (a template that fails on a record, say) is re-raised here as the same exception with the
+    same message. Starting the workers costs a few seconds (each imports transformers), so this pays off on tens of
+    thousands of conversations, not on a handful."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n_chunks = min(len(conversations), 4 * workers)
+    size = -(-len(conversations) // n_chunks)
+    chunks = [conversations[i:i + size] for i in range(0, len(conversations), size)]
+    out: list = []
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init,
+                             initargs=(tokenizer, cfg.model.template, cfg.data)) as pool:
+        for chunk, rows in zip(chunks, pool.map(_worker_render, chunks, [cfg.data.mask] * len(chunks))):
+            out += rows
+            bar.update(len(chunk))
+    return out
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -166,7 +219,7 @@ def main(cfg: SFTConfig) -> dict:
     from instructkit.training import loop, sharding
     from instructkit.training.run import Run, data_fingerprint
 
-    run = Run.start(cfg, "sft", shardable=True, device=None)  # device: the precision setting picks (a GPU if any)
+    run = Run.start(cfg, "sft", shardable=True, device=None, tokenize_workers=True)  # device None: a GPU if any
     precision, run_dir = run.precision, run.run_dir
 
     # -- data (read and checked before the model is loaded) -------------------------------------------------------------

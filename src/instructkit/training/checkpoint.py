@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 RESUME_SAFE_FIELDS = frozenset({
     "train.output_dir", "train.run_name", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_checkpoints", "train.resume", "train.sample_every", "train.sample_prompts", "train.tensorboard",
-    "train.threads", "data.rejects_path", "eval", "sample",
+    "train.threads", "data.rejects_path", "data.num_workers", "eval", "sample",
 })
 
 

@@ -102,15 +102,24 @@ class Run:
 
     # -- start ----------------------------------------------------------------------------------------------------------
     @classmethod
-    def start(cls, cfg: Any, recipe: str, *, shardable: bool = False, device: str | None = "cpu") -> "Run":
+    def start(cls, cfg: Any, recipe: str, *, shardable: bool = False, device: str | None = "cpu",
+              tokenize_workers: bool = False) -> "Run":
         """Processes, run folder, threads, seed, config.yaml. ``shardable``: the recipe applies ``train.sharding`` and
-        ``train.gradient_checkpointing`` (through ``run.prepare``); otherwise they are refused. ``device``: where the
-        recipe computes (None: the precision setting picks, e.g. a GPU)."""
+        ``train.gradient_checkpointing`` (through ``run.prepare``); otherwise they are refused. ``tokenize_workers``:
+        the recipe applies ``data.num_workers``; otherwise a value above 1 is refused. ``device``: where the recipe
+        computes (None: the precision setting picks, e.g. a GPU)."""
+        from instructkit.config import ConfigError
         from instructkit.models.precision import resolve_precision
         from instructkit.training import sharding
 
         if not shardable:
             sharding.refuse_unwired(cfg.train, recipe)
+        workers = getattr(getattr(cfg, "data", None), "num_workers", 0) or 0
+        if workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {workers}")
+        if workers > 1 and not tokenize_workers:
+            raise ConfigError(f"data.num_workers={workers} is not available in `{recipe}`: it tokenises in the "
+                              "training process (sft has it); remove the setting")
         precision = resolve_precision(getattr(cfg.model, "dtype", "auto"), device)
         dist = loop.DistContext.from_accelerate(cpu=precision.device.type == "cpu")
         run_dir = loop.start_run(cfg, cfg.train, dist.is_main)
