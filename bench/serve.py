@@ -147,7 +147,7 @@ class SideProcess:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line of something else on stdout
         # keep draining stdout, so that a side that prints more never blocks on a full pipe
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -320,6 +320,10 @@ class DataConfig:
     cache is shared), so it only changes how long tokenisation takes. Recipes that tokenise pairs or prompts refuse
     a value above 1."""
 
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
 
 @dataclass
 class TrainConfig:
@@ -409,8 +413,6 @@ class SFTConfig:
             raise ConfigError(f"data.mask must be all_assistant, last_assistant or all, got {self.data.mask!r}")
         if self.data.reasoning not in ("train", "mask", "drop"):
             raise ConfigError(f"data.reasoning must be train, mask or drop, got {self.data.reasoning!r}")
-        if self.data.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
 
 
 @dataclass

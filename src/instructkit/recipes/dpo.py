@@ -208,7 +208,5 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     # -- held-out evaluation and save
     final_eval = held_out()
     run.log({"step": run.total_steps, "final": True, **final_eval})
-    return run.finish(policy, tok, {"train_pairs": len(train_items), "initial_eval": initial_eval, **final_eval,
-                                    "sharding": cfg.train.sharding,
-                                    "gradient_checkpointing": cfg.train.gradient_checkpointing},
+    return run.finish(policy, tok, {"train_pairs": len(train_items), "initial_eval": initial_eval, **final_eval},
                       template=renderer.template)

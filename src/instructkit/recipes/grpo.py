@@ -181,7 +181,5 @@ def main(cfg: GRPOConfig) -> dict[str, Any]:
                                        for r, o, sc in list(zip(rows, outputs, scores))[:cfg.num_generations]])
         run.after_step(it + 1, rec, throughput="rollout_tokens_per_s")
 
-    return run.finish(policy, tok, {"prompts": len(prompts), "num_generations": cfg.num_generations,
-                                    "sharding": cfg.train.sharding,
-                                    "gradient_checkpointing": cfg.train.gradient_checkpointing},
+    return run.finish(policy, tok, {"prompts": len(prompts), "num_generations": cfg.num_generations},
                       template=renderer.template)

@@ -247,7 +247,5 @@ def main(cfg: KTOConfig) -> dict[str, Any]:
     # -- held-out evaluation and save
     final_eval = held_out()
     run.log({"step": run.total_steps, "final": True, **final_eval})
-    return run.finish(policy, tok, {"train_examples": len(train_items), "initial_eval": initial_eval, **final_eval,
-                                    "sharding": cfg.train.sharding,
-                                    "gradient_checkpointing": cfg.train.gradient_checkpointing},
+    return run.finish(policy, tok, {"train_examples": len(train_items), "initial_eval": initial_eval, **final_eval},
                       template=renderer.template)

@@ -287,6 +287,5 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     return run.finish(model, tok, {
         "iterations": iterations,
         "first": {k: records[0].get(k) for k in ("score", "kl", "response_length")} if records else {},
-        "last": {k: records[-1].get(k) for k in ("score", "kl", "response_length", "kl_coef")} if records else {},
-        "sharding": cfg.train.sharding, "gradient_checkpointing": cfg.train.gradient_checkpointing},
+        "last": {k: records[-1].get(k) for k in ("score", "kl", "response_length", "kl_coef")} if records else {}},
         template=renderer.template, part="policy")

@@ -274,8 +274,7 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
         run.after_step(done, rec)
 
     # -- held-out accuracy, normalisation, save
-    result: dict[str, Any] = {"train_pairs": n_train_pairs, "train_groups": len(train_items),
-                              "sharding": cfg.train.sharding, "gradient_checkpointing": cfg.train.gradient_checkpointing}
+    result: dict[str, Any] = {"train_pairs": n_train_pairs, "train_groups": len(train_items)}
     result.update(evaluate_groups(model, val_items, pad_id))
     mean, std = reward_statistics(model, train_items, pad_id) if cfg.normalize else (0.0, 1.0)
     result.update({"reward_mean": mean, "reward_std": std})

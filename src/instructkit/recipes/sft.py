@@ -291,5 +291,4 @@ def main(cfg: SFTConfig) -> dict:
         log.warning("%d steps and %d micro-batches had no supervised token", c.empty_steps, c.empty_micro_batches)
     return run.finish(model, tokenizer, {
         "val_loss": val_loss, "train_rows": len(rows), "train_examples": len(train_samples),
-        "data": {"train": train_stats.as_dict(), "validation": val_stats.as_dict()},
-        "sharding": cfg.train.sharding, "gradient_checkpointing": cfg.train.gradient_checkpointing})
+        "data": {"train": train_stats.as_dict(), "validation": val_stats.as_dict()}})

@@ -44,7 +44,5 @@ def main(cfg: SimPOConfig) -> dict[str, Any]:
 
     # -- loop, held-out evaluation (loss, margin beta (avg_w - avg_l), accuracy) and save
     initial_eval, final_eval = train_on_pairs(run, model, train_items, val_items, tok.pad_token_id, pair_loss)
-    return run.finish(model, tok, {"train_pairs": len(train_items), "initial_eval": initial_eval, **final_eval,
-                                   "sharding": cfg.train.sharding,
-                                   "gradient_checkpointing": cfg.train.gradient_checkpointing},
+    return run.finish(model, tok, {"train_pairs": len(train_items), "initial_eval": initial_eval, **final_eval},
                       template=renderer.template)

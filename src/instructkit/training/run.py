@@ -114,9 +114,7 @@ class Run:
 
         if not shardable:
             sharding.refuse_unwired(cfg.train, recipe)
-        workers = getattr(getattr(cfg, "data", None), "num_workers", 0) or 0
-        if workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {workers}")
+        workers = getattr(getattr(cfg, "data", None), "num_workers", 0)  # >= 0: DataConfig checks it
         if workers > 1 and not tokenize_workers:
             raise ConfigError(f"data.num_workers={workers} is not available in `{recipe}`: it tokenises in the "
                               "training process (sft has it); remove the setting")
@@ -384,6 +382,8 @@ class Run:
             "seconds": round(seconds, 2), "adapter": bool(lora is not None and lora.enabled and kind != "reward"),
             "world_size": self.dist.world_size, "counters": self.counters.as_dict(), "data_counts": self.data_counts,
             "precision": self.precision.as_dict(),
+            "sharding": getattr(self.train, "sharding", "none"),
+            "gradient_checkpointing": getattr(self.train, "gradient_checkpointing", False),
         }
         clash = set(common) & set(summary)
         if clash:
