@@ -139,7 +139,7 @@ def test_curate_command_writes_decontaminated_sft_data(tmp_path, capsys):
     rc = main(["experiment", "curate", "--config", str(ROOT / "configs" / "mixtures" / "assistant_gemma.yaml"),
                "--out", str(out), "t0_path=", f"alpaca_path={SHARED / 'lf_alpaca_en_demo.json'}",
                f"ifeval_prompts={SHARED / 'ifeval_input_data.jsonl'}", "max_per_source=60", "heldout_alpaca=5",
-               "n_examples=20"])
+               "n_examples=20", "include_sources=[]", "knowledge_clusters=[]"])
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     rep = json.loads((tmp_path / "data" / "mix.jsonl.report.json").read_text())

@@ -1002,6 +1002,18 @@ class LimaConfig:
     """Alpaca-format file for the pool (lf_alpaca_en_demo.json); empty: none."""
     builtin_sources: list[str] = field(default_factory=lambda: ["builtin:quickstart_train"])
     """Further conversation files (any format data/io.py reads) added to the pool."""
+    include_sources: list[str] = field(default_factory=list)
+    """`experiment curate` only: conversation files added WHOLE to the curated set (not selected from; e.g.
+    rejection-sampled constraint-following data), decontaminated and gated like the pool (removals counted). The lima
+    experiment refuses them (its arms must differ only in how the pool is sampled)."""
+    knowledge_clusters: list[str] = field(default_factory=list)
+    """`experiment curate` only: T0 clusters whose first template per dataset gives the knowledge items (the first
+    knowledge_per_dataset records each), written to <out-stem>.knowledge.jsonl for the evaluate recipe's knowledge
+    eval and treated as an evaluation set: the pool is decontaminated against their prompts (which also removes
+    pool examples sharing a long stretch of the same template wording) and the curated set is gated against them."""
+    knowledge_per_dataset: int = 4
+    knowledge_max_options: int = 10
+    """Largest option set scored by rank classification (eval/t0.T0Data.options); larger ones are generative."""
     max_per_source: int = 0
     """Cap on examples read from each source (0: all); for tests and budget."""
     heldout_alpaca: int = 50
@@ -1050,6 +1062,8 @@ class LimaConfig:
             raise ConfigError("n_examples must be >= 1 and seeds non-empty")
         if self.t0_strata not in ("cluster", "source"):
             raise ConfigError(f"t0_strata must be cluster or source, got {self.t0_strata!r}")
+        if self.knowledge_clusters and not self.t0_path:
+            raise ConfigError("knowledge_clusters are T0 clusters: set t0_path")
         if not (self.t0_path or self.alpaca_path or self.builtin_sources):
             raise ConfigError("the pool is empty: set t0_path, alpaca_path or builtin_sources")
 
@@ -1062,7 +1076,7 @@ class EvaluateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model to evaluate (a folder or a zoo name) and its chat template."""
     evals: list[str] = field(default_factory=lambda: ["ifeval", "perplexity", "stop_rate", "refusal"])
-    """Which evaluations to run, in order: ifeval, perplexity, stop_rate, refusal."""
+    """Which evaluations to run, in order: ifeval, perplexity, stop_rate, refusal, knowledge."""
     ifeval_prompts: str = ""
     """IFEval input file (ifeval_input_data.jsonl: key, prompt, instruction_id_list, kwargs); required for ifeval."""
     ifeval_limit: int | None = None
@@ -1087,12 +1101,28 @@ class EvaluateConfig:
     """Sequences generated or scored together."""
     save_dir: str = ""
     """Folder that receives eval/<name>.json; empty: the model folder itself."""
+    fewshot_data: str = ""
+    """Conversations (a data file or builtin:NAME) whose first ``fewshot_k`` are put before every evaluated prompt as
+    earlier turns, in the model's chat template: how a base model is prompted so that it can answer at all. Their
+    assistant turns are never scored (weight 0 in held-out loss)."""
+    fewshot_k: int = 0
+    """Exemplar conversations in the few-shot prefix (0: none, zero-shot)."""
+    knowledge_data: str = ""
+    """Knowledge items (eval/t0.write_items' JSONL: T0 records with their option sets, e.g. the
+    ``<out>.knowledge.jsonl`` that `experiment curate` writes): rank classification where an item has options, else
+    exact match on a greedy answer of at most knowledge_max_new_tokens; required for the knowledge eval."""
+    knowledge_max_new_tokens: int = 16
 
     def __post_init__(self) -> None:
-        known = ("ifeval", "perplexity", "stop_rate", "refusal")
+        if self.fewshot_k < 0 or (self.fewshot_k > 0) != bool(self.fewshot_data):
+            raise ConfigError("few-shot prompting needs both fewshot_data and fewshot_k > 0 (or neither); got "
+                              f"fewshot_data={self.fewshot_data!r}, fewshot_k={self.fewshot_k}")
+        known = ("ifeval", "perplexity", "stop_rate", "refusal", "knowledge")
         bad = [e for e in self.evals if e not in known]
         if bad:
             raise ConfigError(f"unknown evals {bad}; known: {', '.join(known)}")
+        if "knowledge" in self.evals and not self.knowledge_data:
+            raise ConfigError("evals includes knowledge but knowledge_data is empty (items from `experiment curate`)")
         if "ifeval" in self.evals and not self.ifeval_prompts:
             raise ConfigError("evals includes ifeval but ifeval_prompts is empty (path to ifeval_input_data.jsonl)")
         if "perplexity" in self.evals and not self.heldout_data:
@@ -1158,3 +1188,31 @@ class InstructGPTConfig:
                               "leave ppo.reward_function empty")
         if not self.synthetic_prompts and not self.eval_prompts:
             raise ConfigError("eval_prompts is empty: give held-out prompts for the SFT-vs-PPO comparison")
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """`instructkit data reject-sample`: constraint-following SFT data from a teacher, kept only where the IFEval
+    checkers pass (recipes/rejection_sampling.py)."""
+
+    input: str
+    output: str
+    teacher: str = "smollm2-135m-instruct"
+    template: str = "auto"
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    batch_size: int = 16
+    chunk: int = 32
+    seed: int = 0
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 1:
+            raise ConfigError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.temperature <= 0 and self.samples_per_prompt > 1:
+            raise ConfigError("greedy decoding (temperature 0) gives the same sample every time: use temperature > 0 "
+                             "or samples_per_prompt 1")
+        if self.chunk < 1 or self.batch_size < 1:
+            raise ConfigError("chunk and batch_size must be >= 1")

@@ -97,6 +97,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_filter)
 
     _add_constraints_parser(sub)
+    _reject_sample_parser(sub)
 
     from instructkit.cli.tasks import add_build_mixture_parser  # task bank mixtures (cli/tasks.py)
 
@@ -533,6 +534,44 @@ def _add_constraints_parser(sub) -> None:
                    help="drop prompts that overlap an --eval set (written to --rejects) instead of refusing")
     p.add_argument("--rejects", default=None, metavar="FILE", help="where dropped prompts go (default OUTPUT.rejects)")
     p.set_defaults(func=cmd_add_constraints)
+
+
+def _reject_sample_parser(sub) -> None:
+    p = sub.add_parser("reject-sample",
+                       help="constraint-following SFT data: a teacher answers add-constraints prompts, the IFEval "
+                            "checkers keep only responses that satisfy every constraint")
+    p.add_argument("input", help="prompt records from `instructkit data add-constraints`")
+    p.add_argument("output", help="SFT conversations (internal JSONL); also OUTPUT.rejects and OUTPUT.report.json")
+    p.add_argument("--teacher", default="smollm2-135m-instruct", help="model folder or zoo name (default: %(default)s)")
+    p.add_argument("--template", default="auto")
+    p.add_argument("--samples", type=int, default=4, help="samples per prompt (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(func=cmd_reject_sample)
+
+
+def cmd_reject_sample(args) -> int:
+    """Rejection sampling (recipes/rejection_sampling.py); prints the report's counts."""
+    from instructkit.config import RejectionSamplingConfig
+    from instructkit.recipes import rejection_sampling
+
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = RejectionSamplingConfig(input=args.input, output=args.output, teacher=args.teacher, template=args.template,
+                                  samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                                  seed=args.seed, limit=args.limit)
+    rep = rejection_sampling.main(cfg)
+    print(f"kept {rep['kept']} of {rep['prompts']} prompts ({rep['acceptance']:.1%}), {rep['rejected']} rejected "
+          f"(see {rep['rejects_file']}); report: {args.output}.report.json")
+    return 0
 
 
 def cmd_add_constraints(args) -> int:

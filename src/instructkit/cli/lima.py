@@ -101,11 +101,11 @@ def eval_conversations(cfg, heldout) -> list:
 
 
 def decontaminate(pool, eval_convs, n: int) -> tuple[list, int]:
-    from instructkit.eval.contamination import NgramIndex, conversation_text, eval_texts, words
+    """The pool without every example the contamination gate (eval/contamination.require_clean) would flag."""
+    from instructkit.eval.contamination import contaminating
 
-    index = NgramIndex((t for c in eval_convs for t in eval_texts(c)), n)
-    kept = [c for c in pool if index.find(words(conversation_text(c))) is None]
-    return kept, len(pool) - len(kept)
+    bad = set(contaminating(pool, eval_convs, n))
+    return [c for i, c in enumerate(pool) if i not in bad], len(bad)
 
 
 def run_lima(cfg) -> dict:
@@ -131,6 +131,11 @@ def run_lima(cfg) -> dict:
         base_path = str((root / "base_model").resolve())
 
     # -- 1-2. pool, held-out set, decontamination ------------------------------------------------------------------------
+    if cfg.include_sources or cfg.knowledge_clusters:
+        from instructkit.config import ConfigError
+
+        raise ConfigError("include_sources and knowledge_clusters are for `experiment curate`; the lima arms differ "
+                          "only in how the pool is sampled and are evaluated as configured here, so they are refused")
     pool, heldout, source_counts = read_pool(cfg)
     heldout_path = root / "heldout.jsonl"
     write_jsonl(heldout_path, heldout)
@@ -305,6 +310,18 @@ def build_curated(cfg, out_path: str | Path) -> dict:
     heldout_path = out.with_name(out.stem + ".heldout.jsonl")
     write_jsonl(heldout_path, heldout)
     eval_convs = eval_conversations(cfg, heldout)
+    knowledge = None
+    if cfg.knowledge_clusters:
+        from instructkit.eval.t0 import heldout_items, load_t0, to_conversation, write_items
+
+        t0 = load_t0(cfg.t0_path)
+        items = heldout_items(t0, cfg.knowledge_clusters, cfg.knowledge_per_dataset, templates="first")
+        options = t0.options(cfg.knowledge_max_options)
+        knowledge = out.with_name(out.stem + ".knowledge.jsonl")
+        write_items(knowledge, items, options)
+        for r in items:
+            c = to_conversation(r)
+            eval_convs.append(dataclasses.replace(c, meta={**c.meta, "task": "knowledge"}))
     removed = 0
     if cfg.decontaminate_pool:
         pool, removed = decontaminate(pool, eval_convs, cfg.contamination_ngram)
@@ -312,15 +329,26 @@ def build_curated(cfg, out_path: str | Path) -> dict:
         raise ConfigError(f"the pool has {len(pool)} examples, fewer than n_examples={cfg.n_examples}")
     picked, curation = curate(pool, cfg.n_examples, CurationConfig(
         min_response_words=cfg.min_response_words, near_threshold=cfg.near_threshold, seed=cfg.data.seed))
+    included, included_removed = [], {}
+    for src in cfg.include_sources:
+        from instructkit.data.io import read_conversations
+
+        convs = _tag(read_conversations(src), f"include:{Path(src).name}")
+        kept, n_removed = decontaminate(convs, eval_convs, cfg.contamination_ngram) if cfg.decontaminate_pool \
+            else (convs, 0)
+        included += kept
+        included_removed[src] = {"read": len(convs), "decontaminated": n_removed, "included": len(kept)}
+    picked += included
     gate = require_clean(picked, eval_convs, cfg.contamination_ngram, str(out))
     random.Random(f"curate/{cfg.data.seed}").shuffle(picked)
     write_jsonl(out, picked)
     sources: dict[str, int] = {}
     for c in picked:
         sources[c.meta.get("source", "?")] = sources.get(c.meta.get("source", "?"), 0) + 1
-    report = {"out": str(out), "heldout": str(heldout_path), "examples": len(picked), "sources": sources,
+    report = {"out": str(out), "heldout": str(heldout_path),
+              "knowledge": str(knowledge) if knowledge else None, "examples": len(picked), "sources": sources,
               "pool": len(pool), "pool_sources": source_counts, "decontaminated": removed,
-              "eval_sets": sorted({c.meta["task"] for c in eval_convs}), "eval_texts": len(eval_convs),
+              "included_sources": included_removed, "eval_sets": sorted({c.meta["task"] for c in eval_convs}), "eval_texts": len(eval_convs),
               "contamination": gate, "curation": curation}
     Path(str(out) + ".report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report

@@ -132,6 +132,32 @@ def check_contamination(train: Iterable[Conversation], evals: Sequence[Conversat
     return report
 
 
+def contaminating(train: Sequence[Conversation], evals: Sequence[Conversation], n: int, what: str = "fields",
+                  min_words: int = 4) -> list[int]:
+    """Indices of the training conversations that ``check_contamination(train, evals, n, what, min_words)`` would
+    flag an evaluation example for: those containing one of an evaluation text's ``n``-grams, or the whole of an
+    evaluation text shorter than ``n`` words (but of at least ``min_words``). Removing them leaves the check clean, so
+    decontaminating with this and then gating with ``require_clean`` agree (same words, same short-text rule)."""
+    long_grams: set[tuple[str, ...]] = set()
+    short: dict[int, set[tuple[str, ...]]] = {}
+    for conv in evals:
+        for text in eval_texts(conv, what):
+            toks = words(text)
+            if len(toks) < min_words:
+                continue
+            if len(toks) >= n:
+                long_grams |= ngrams(toks, n)
+            else:
+                short.setdefault(len(toks), set()).add(tuple(toks))
+    hits = []
+    for i, conv in enumerate(train):
+        toks = words(conversation_text(conv))
+        if (long_grams and any(tuple(toks[j:j + n]) in long_grams for j in range(len(toks) - n + 1))) or any(
+                tuple(toks[j:j + m]) in grams for m, grams in short.items() for j in range(len(toks) - m + 1)):
+            hits.append(i)
+    return hits
+
+
 def require_clean(train: Iterable[Conversation], evals: Sequence[Conversation], n: int, what: str) -> dict:
     """The contamination check that gates a training run: raises DataError naming the overlaps when any evaluation
     example shares an ``n``-gram with the training conversations; returns the (clean) report as a dict otherwise."""

@@ -213,13 +213,14 @@ def load_builtin_prompts(name: str) -> list[dict[str, str]]:
 
 
 def refusal_eval(model, tokenizer, *, max_new_tokens: int = 64, batch_size: int = 8, template: str = "auto",
-                 system: str | None = None) -> dict[str, Any]:
-    """Generate greedily for both built-in sets; refusal rate on each, plus the responses for the report."""
+                 system: str | None = None, prefix: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
+    """Generate greedily for both built-in sets; refusal rate on each, plus the responses for the report. ``prefix``:
+    earlier turns (a few-shot prefix) put after the system prompt and before each prompt."""
     out: dict[str, Any] = {"samples": {}}
     for name in BUILTIN_PROMPT_SETS:
         rows = load_builtin_prompts(name)
-        convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": r["prompt"]}]
-                 for r in rows]
+        convs = [([{"role": "system", "content": system}] if system else []) + list(prefix)
+                 + [{"role": "user", "content": r["prompt"]}] for r in rows]
         gens = generate_chat(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              template=template)
         texts = [g.text for g in gens]
@@ -229,16 +230,17 @@ def refusal_eval(model, tokenizer, *, max_new_tokens: int = 64, batch_size: int 
     return out
 
 
-def generate_responses(model, tokenizer, prompts: Sequence[Any], settings: Any) -> list[str]:
+def generate_responses(model, tokenizer, prompts: Sequence[Any], settings: Any,
+                       prefix: Sequence[dict[str, str]] = ()) -> list[str]:
     """One response per IFEval prompt (eval/instruction_following.py): the model's own chat template (Renderer),
-    batched generation (Engine), stop at end of turn. Here, not beside the checkers, so that what imports the
-    checkers (rl/rewards.py) imports no model code."""
+    batched generation (Engine), stop at end of turn; ``prefix``: earlier turns (a few-shot prefix) before each
+    prompt. Here, not beside the checkers, so that what imports the checkers (rl/rewards.py) imports no model code."""
     return [
         o.text
         for o in generate_chat(
             model,
             tokenizer,
-            [[{"role": "user", "content": p.prompt}] for p in prompts],
+            [list(prefix) + [{"role": "user", "content": p.prompt}] for p in prompts],
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
             batch_size=settings.batch_size,

@@ -213,6 +213,35 @@ def shared_samples(runs: list[RunData], limit: int) -> list[tuple[str, list[str 
     return [(p, [d.get(p) for d in per_run]) for p in chosen]
 
 
+def knowledge_kept(runs: list[RunData]) -> dict[str, dict[str, Any]]:
+    """Item-level comparison of the knowledge eval against the first run (items matched by dataset, template and
+    index): for every run, how many of the items the first run answers right it also answers right, and how many of
+    the first run's wrong ones it answers right. Empty when the first run has no knowledge samples."""
+    def items(run: RunData) -> dict[tuple, float]:
+        doc = run.evals.get("knowledge") or {}
+        return {(s.get("task"), s.get("template"), s.get("index")): float(s["score"])
+                for s in doc.get("samples") or [] if isinstance(s, dict) and "score" in s}
+
+    ref = items(runs[0]) if runs else {}
+    if not ref:
+        return {}
+    out = {}
+    for r in runs:
+        mine = items(r)
+        common = [k for k in ref if k in mine]
+        if not common:
+            continue
+        right = [k for k in common if ref[k] == 1.0]
+        wrong = [k for k in common if ref[k] != 1.0]
+        kept = sum(mine[k] == 1.0 for k in right)
+        gained = sum(mine[k] == 1.0 for k in wrong)
+        out[r.name] = {"items": len(common), "accuracy": sum(mine[k] == 1.0 for k in common) / len(common),
+                       "ref_right": len(right), "kept": kept, "kept_rate": kept / len(right) if right else None,
+                       "ref_wrong": len(wrong), "gained": gained,
+                       "gained_rate": gained / len(wrong) if wrong else None}
+    return out
+
+
 def write_report(run_dirs: list[str | Path], out: str | Path, *, names: list[str] | None = None,
                  samples: int = 5, title: str = "instructkit report") -> Path:
     """Write the markdown report and its PNGs; return the report path."""
@@ -254,6 +283,18 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, names: list[str
             last = logged[-1]
             lines.append(f"- {r.name}: {len(logged)} logged steps, last step {int(last['step'])}: "
                          + ", ".join(f"{k} {_fmt(last[k])}" for k in curve_keys if k in last))
+
+    kept = knowledge_kept(runs)
+    if kept:
+        ref = runs[0].name
+        lines += ["", "## Knowledge kept", "",
+                  f"Per item of the knowledge eval, against the first run ({ref}): accuracy on the items {ref} "
+                  f"answers right (kept) and on those it answers wrong (gained).", "",
+                  f"| run | items | accuracy | right where {ref} is right | right where {ref} is wrong |",
+                  "|---|---|---|---|---|"]
+        for name, k in kept.items():
+            lines.append(f"| {name} | {k['items']} | {_fmt(k['accuracy'])} | {k['kept']}/{k['ref_right']} "
+                         f"({_fmt(k['kept_rate'])}) | {k['gained']}/{k['ref_wrong']} ({_fmt(k['gained_rate'])}) |")
 
     lines += ["", "## Sample responses", ""]
     shared = shared_samples(runs, samples)

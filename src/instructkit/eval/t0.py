@@ -171,6 +171,45 @@ def training_mixture(data: T0Data, clusters: Sequence[str], total: int, seed: in
     return out
 
 
+def write_items(path: str | Path, items: Sequence[T0Record], options: dict[tuple[str, str], list[str]]) -> int:
+    """Evaluation items as JSONL (one T0 record a line, with its option set or null for generative scoring), read back
+    by ``read_items``: what an evaluation of several models scores must be fixed in a file, not re-drawn."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w", encoding="utf-8") as f:
+        for r in items:
+            f.write(json.dumps({"cluster": r.cluster, "dataset": r.dataset, "template": r.template, "prompt": r.prompt,
+                                "completion": r.completion, "index": r.index, "line": r.line,
+                                "options": options.get((r.dataset, r.template))}, ensure_ascii=False) + "\n")
+    return len(items)
+
+
+def read_items(path: str | Path) -> tuple[list[T0Record], dict[tuple[str, str], list[str]]]:
+    """(items, option sets) from ``write_items``' file; a bad line raises DataError naming it."""
+    items, options = [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                o = json.loads(line)
+                r = T0Record(o["cluster"], o["dataset"], o["template"], o["prompt"], o["completion"], int(o["index"]),
+                             int(o.get("line", 0)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise DataError(f"not an evaluation item ({type(e).__name__}: {e}); need cluster, dataset, template, "
+                                "prompt, completion, index, options", source=str(path), line=n) from None
+            if o.get("options") is not None:
+                if not (isinstance(o["options"], list) and len(o["options"]) >= 2
+                        and r.completion in o["options"]):
+                    raise DataError("options must be a list of >= 2 strings that contains the completion",
+                                    source=str(path), line=n)
+                options[(r.dataset, r.template)] = list(o["options"])
+            items.append(r)
+    if not items:
+        raise DataError("no evaluation items", source=str(path))
+    return items, options
+
+
 def heldout_items(data: T0Data, clusters: Sequence[str], examples_per_dataset: int,
                   templates: str = "all") -> list[T0Record]:
     """Records of the held-out clusters: the first ``examples_per_dataset`` of each (dataset, template) group, under
@@ -192,9 +231,10 @@ def heldout_items(data: T0Data, clusters: Sequence[str], examples_per_dataset: i
 # ---------------------------------------------------------------------------------------------------------------------
 def evaluate_t0(model, tokenizer, items: Sequence[T0Record], options: dict[tuple[str, str], list[str]],
                 template: str = "auto", max_new_tokens: int = 32, batch_size: int = 16, match: str = "exact",
-                rouge_clusters: Sequence[str] = ROUGE_CLUSTERS) -> dict:
+                rouge_clusters: Sequence[str] = ROUGE_CLUSTERS, prefix: Sequence[Message] = ()) -> dict:
     """Zero-shot scores of ``items`` in eval/heldout.summarize's shape (task = dataset): rank classification where the
-    template has an option set, else ROUGE-L (``rouge_clusters``) or exact match on a greedy generation."""
+    template has an option set, else ROUGE-L (``rouge_clusters``) or exact match on a greedy generation. ``prefix``:
+    earlier turns put before every prompt (a few-shot prefix for a base model; empty: zero-shot)."""
     from instructkit.chat.render import Renderer
     from instructkit.eval.heldout import contains_match, exact_match, rouge_l_score, score_options, summarize
     from instructkit.generation.engine import Engine, SamplingParams
@@ -204,7 +244,7 @@ def evaluate_t0(model, tokenizer, items: Sequence[T0Record], options: dict[tuple
     records: list[dict] = [{} for _ in items]
     ranked = [k for k, r in enumerate(items) if (r.dataset, r.template) in options]
     if ranked:
-        payload = [([Message("user", items[k].prompt.strip())], options[(items[k].dataset, items[k].template)])
+        payload = [([*prefix, Message("user", items[k].prompt.strip())], options[(items[k].dataset, items[k].template)])
                    for k in ranked]
         t0 = time.perf_counter()
         scores = score_options(model, renderer, payload, pad_id, batch_size)
@@ -216,7 +256,7 @@ def evaluate_t0(model, tokenizer, items: Sequence[T0Record], options: dict[tuple
     generative = [k for k, r in enumerate(items) if (r.dataset, r.template) not in options]
     if generative:
         engine = Engine(model, tokenizer, max_batch_size=batch_size, template=template)
-        prompts = [renderer.render_prompt([Message("user", items[k].prompt.strip())]) for k in generative]
+        prompts = [renderer.render_prompt([*prefix, Message("user", items[k].prompt.strip())]) for k in generative]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                                 stop_token_ids=sorted(set(renderer.stop_token_ids)), logprobs=False)
         was_training = model.training

@@ -68,6 +68,27 @@ def read_prompts(path: str) -> list[list[dict[str, str]]]:
     return out
 
 
+def fewshot_prefix(cfg: EvaluateConfig) -> list[dict[str, str]]:
+    """The first ``fewshot_k`` conversations of ``fewshot_data``, concatenated as earlier turns (user / assistant
+    only: a system turn in the middle of a conversation is not something chat templates render)."""
+    if not cfg.fewshot_k:
+        return []
+    from instructkit.chat.render import as_message_dicts
+    from instructkit.config import ConfigError
+
+    convs = read_conversations(cfg.fewshot_data)
+    if len(convs) < cfg.fewshot_k:
+        raise ConfigError(f"{cfg.fewshot_data}: {len(convs)} conversations, fewer than fewshot_k={cfg.fewshot_k}")
+    out = []
+    for i, c in enumerate(convs[: cfg.fewshot_k]):
+        msgs = as_message_dicts(c)
+        if [m["role"] for m in msgs] != ["user", "assistant"] * (len(msgs) // 2) or not msgs:
+            raise ConfigError(f"{cfg.fewshot_data}: few-shot conversation {i} must alternate user and assistant "
+                              f"turns, starting with user; got roles {[m['role'] for m in msgs]}")
+        out += [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return out
+
+
 def run_ifeval(cfg: EvaluateConfig, model, tokenizer) -> tuple[dict, list, dict]:
     from instructkit.eval import instruction_following as ife
     from instructkit.eval.metrics import generate_responses
@@ -75,7 +96,7 @@ def run_ifeval(cfg: EvaluateConfig, model, tokenizer) -> tuple[dict, list, dict]
     prompts = ife.load_prompts(cfg.ifeval_prompts)
     prompts = prompts[: cfg.ifeval_limit] if cfg.ifeval_limit else prompts
     settings = ife.GenerationSettings(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    responses = generate_responses(model, tokenizer, prompts, settings)
+    responses = generate_responses(model, tokenizer, prompts, settings, prefix=fewshot_prefix(cfg))
     results = [ife.score_response(p, r) for p, r in zip(prompts, responses)]
     m = ife.ifeval_metrics(results)
     per_instruction = m.pop("per_instruction")
@@ -88,6 +109,11 @@ def run_perplexity(cfg: EvaluateConfig, model, tokenizer) -> tuple[dict, list, d
 
     convs = read_conversations(cfg.heldout_data)
     convs = convs[: cfg.heldout_limit] if cfg.heldout_limit else convs
+    prefix = fewshot_prefix(cfg)
+    if prefix:  # the exemplars' answers are context, not scored
+        from instructkit.chat.render import as_message_dicts
+
+        convs = [[{**m, "weight": 0} for m in prefix] + as_message_dicts(c) for c in convs]
     m = heldout_loss(model, tokenizer, convs, template=cfg.model.template, max_length=cfg.max_length,
                      batch_size=cfg.batch_size)
     return {"heldout_loss": m.pop("loss"), **m}, [], {"data": cfg.heldout_data}
@@ -101,7 +127,8 @@ def run_stop_rate(cfg: EvaluateConfig, model, tokenizer) -> tuple[dict, list, di
     else:
         convs = [[{"role": "user", "content": r["prompt"]}] for r in load_builtin_prompts("benign")]
     convs = convs[: cfg.stop_rate_limit] if cfg.stop_rate_limit else convs
-    outs = generate_chat(model, tokenizer, convs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+    prefix = fewshot_prefix(cfg)
+    outs = generate_chat(model, tokenizer, [prefix + list(c) for c in convs], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                          template=cfg.model.template)
     stats = response_stats(outs)
     flat = {"stop_rate": stats["stop_rate"], "responses": stats["responses"],
@@ -116,13 +143,34 @@ def run_refusal(cfg: EvaluateConfig, model, tokenizer) -> tuple[dict, list, dict
     from instructkit.eval.metrics import refusal_eval
 
     res = refusal_eval(model, tokenizer, max_new_tokens=cfg.refusal_max_new_tokens, batch_size=cfg.batch_size,
-                       template=cfg.model.template, system=cfg.system)
+                       template=cfg.model.template, system=cfg.system, prefix=fewshot_prefix(cfg))
     samples = [{"set": name, **s} for name, rows in res.pop("samples").items() for s in rows]
     return res, samples, {}
 
 
-EVALS = {"ifeval": run_ifeval, "perplexity": run_perplexity, "stop_rate": run_stop_rate, "refusal": run_refusal}
-SAVED_AS = {"ifeval": "ifeval", "perplexity": "perplexity", "stop_rate": "responses", "refusal": "refusal"}
+def run_knowledge(cfg: EvaluateConfig, model, tokenizer) -> tuple[dict, list, dict]:
+    """Does the model know what the base knows? Fixed classification and short-answer items (eval/t0.py scoring:
+    rank classification over an item's options, else exact match of a greedy answer), with the few-shot prefix when
+    one is set. Per-item predictions are saved, so a report can compare two models item by item."""
+    from instructkit.data.schema import Message
+    from instructkit.eval.t0 import evaluate_t0, read_items
+
+    items, options = read_items(cfg.knowledge_data)
+    prefix = [Message(m["role"], m["content"]) for m in fewshot_prefix(cfg)]
+    res = evaluate_t0(model, tokenizer, items, options, template=cfg.model.template,
+                      max_new_tokens=cfg.knowledge_max_new_tokens, batch_size=cfg.batch_size, prefix=prefix)
+    recs = res.pop("records")
+    flat = {"accuracy": sum(r["score"] for r in recs) / len(recs), "macro_accuracy": res["overall"],
+            "items": len(items), "ranked": sum(1 for r in items if (r.dataset, r.template) in options)}
+    for name, c in res["clusters"].items():
+        flat[f"accuracy_{name}"] = c["mean"]
+    return flat, recs, {"data": cfg.knowledge_data, "clusters": res["clusters"], "tasks": res["tasks"]}
+
+
+EVALS = {"ifeval": run_ifeval, "perplexity": run_perplexity, "stop_rate": run_stop_rate, "refusal": run_refusal,
+         "knowledge": run_knowledge}
+SAVED_AS = {"ifeval": "ifeval", "perplexity": "perplexity", "stop_rate": "responses", "refusal": "refusal",
+            "knowledge": "knowledge"}
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -134,6 +182,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     for name in cfg.evals:
         log.info("evaluating %s", name)
         metrics, samples, details = EVALS[name](cfg, model, tokenizer)
+        if cfg.fewshot_k:
+            details = {**details, "fewshot": {"data": cfg.fewshot_data, "k": cfg.fewshot_k}}
         path = _save(cfg, model_dir, SAVED_AS[name], metrics, samples, details)
         summary[name] = {"metrics": metrics, "file": str(path)}
     return summary
