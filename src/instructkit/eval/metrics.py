@@ -68,36 +68,19 @@ def heldout_loss(
     Returns ``{"loss", "perplexity", "supervised_tokens", "examples", "skipped_no_supervision"}``. Examples whose
     supervised tokens were all truncated away are skipped and counted, never scored as 0.
     """
-    import torch
-
     from instructkit.chat.render import Renderer
+    from instructkit.eval.heldout import sequence_logprobs
 
     renderer = Renderer(tokenizer, template=template)
     rendered = [renderer.render(c, mask=mask, max_length=max_length) for c in conversations]
     kept = [r for r in rendered if sum(r.loss_mask[1:]) > 0]  # position 0 is never predicted
     skipped = len(rendered) - len(kept)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total_nll, total_tokens = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(kept), batch_size):
-            batch = kept[start:start + batch_size]
-            width = max(len(r.input_ids) for r in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            labels_mask = torch.zeros((len(batch), width), dtype=torch.bool)
-            for i, r in enumerate(batch):  # right padding: positions stay 0..len-1
-                n = len(r.input_ids)
-                ids[i, :n] = torch.tensor(r.input_ids)
-                attn[i, :n] = 1
-                labels_mask[i, :n] = torch.tensor(r.loss_mask, dtype=torch.bool)
-            logits = model(input_ids=ids, attention_mask=attn).logits.float()  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): predicts token t+1
-            target = ids[:, 1:]  # (B, T-1)
-            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-            m = labels_mask[:, 1:]
-            total_nll += float(nll[m].double().sum())
-            total_tokens += int(m.sum())
+    # the output layer runs on the supervised positions only (sequence_logprobs): the full (B, T, V) logits of a
+    # 262k-token vocabulary would be gigabytes per batch
+    sums = sequence_logprobs(model, [(r.input_ids, r.loss_mask) for r in kept], pad, batch_size)
+    total_nll = -sum(sums)
+    total_tokens = sum(sum(r.loss_mask[1:]) for r in kept)
     if total_tokens == 0:
         raise ValueError(f"no supervised tokens to score ({skipped} of {len(rendered)} examples had none)")
     loss = total_nll / total_tokens
