@@ -557,9 +557,12 @@ def _reject_sample_parser(sub) -> None:
 
 def cmd_reject_sample(args) -> int:
     """Rejection sampling (recipes/rejection_sampling.py); prints the report's counts."""
+    import logging
+
     from instructkit.config import RejectionSamplingConfig
     from instructkit.recipes import rejection_sampling
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress per chunk of prompts
     if args.threads > 0:
         import torch
 
