@@ -96,3 +96,12 @@ def test_refusals(tmp_path):
     src = tmp_path / "plain.jsonl"
     src.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n")
     assert cli(["data", "reject-sample", str(src), str(tmp_path / "o.jsonl"), "--teacher", "unused"]) != 0
+
+
+def test_prompt_with_tools_is_refused(tmp_path):
+    src = tmp_path / "tools.jsonl"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    src.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "tools": [tool],
+                               "constraints": [LOWER]}) + "\n")
+    with pytest.raises(Exception, match="tools.jsonl:1: record declares tools"):
+        rs.read_prompt_records(str(src))

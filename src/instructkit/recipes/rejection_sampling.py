@@ -52,6 +52,9 @@ def read_prompt_records(path: str, limit: int | None = None) -> list[tuple[list[
         if not meta.get("constraints"):
             raise DataError("record carries no constraints (make the prompts with `instructkit data "
                             "add-constraints`)", source=path, line=i)
+        if getattr(ex, "tools", None) or meta.get("tools"):
+            raise DataError("record declares tools; rejection sampling renders plain conversations and would drop "
+                            "them (the kept SFT example would not show what the teacher saw)", source=path, line=i)
         msgs = [m.to_dict() for m in prompt_messages_of(ex)]
         out.append((msgs, meta))
         if limit and len(out) >= limit:
