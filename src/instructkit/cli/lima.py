@@ -329,10 +329,10 @@ def build_curated(cfg, out_path: str | Path) -> dict:
         raise ConfigError(f"the pool has {len(pool)} examples, fewer than n_examples={cfg.n_examples}")
     picked, curation = curate(pool, cfg.n_examples, CurationConfig(
         min_response_words=cfg.min_response_words, near_threshold=cfg.near_threshold, seed=cfg.data.seed))
+    from instructkit.data.io import read_conversations
+
     included, included_removed = [], {}
     for src in cfg.include_sources:
-        from instructkit.data.io import read_conversations
-
         convs = _tag(read_conversations(src), f"include:{Path(src).name}")
         kept, n_removed = decontaminate(convs, eval_convs, cfg.contamination_ngram) if cfg.decontaminate_pool \
             else (convs, 0)
@@ -348,7 +348,8 @@ def build_curated(cfg, out_path: str | Path) -> dict:
     report = {"out": str(out), "heldout": str(heldout_path),
               "knowledge": str(knowledge) if knowledge else None, "examples": len(picked), "sources": sources,
               "pool": len(pool), "pool_sources": source_counts, "decontaminated": removed,
-              "included_sources": included_removed, "eval_sets": sorted({c.meta["task"] for c in eval_convs}), "eval_texts": len(eval_convs),
+              "included_sources": included_removed, "eval_sets": sorted({c.meta["task"] for c in eval_convs}),
+              "eval_texts": len(eval_convs),
               "contamination": gate, "curation": curation}
     Path(str(out) + ".report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report

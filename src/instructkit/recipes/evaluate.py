@@ -128,8 +128,8 @@ def run_stop_rate(cfg: EvaluateConfig, model, tokenizer) -> tuple[dict, list, di
         convs = [[{"role": "user", "content": r["prompt"]}] for r in load_builtin_prompts("benign")]
     convs = convs[: cfg.stop_rate_limit] if cfg.stop_rate_limit else convs
     prefix = fewshot_prefix(cfg)
-    outs = generate_chat(model, tokenizer, [prefix + list(c) for c in convs], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                         template=cfg.model.template)
+    outs = generate_chat(model, tokenizer, [prefix + list(c) for c in convs], max_new_tokens=cfg.max_new_tokens,
+                         batch_size=cfg.batch_size, template=cfg.model.template)
     stats = response_stats(outs)
     flat = {"stop_rate": stats["stop_rate"], "responses": stats["responses"],
             "mean_response_tokens": stats["length_tokens"]["mean"],

@@ -6,9 +6,11 @@ the code IFEval scores with). The first passing sample of a prompt (in sampling 
 a prompt with no passing sample goes to the rejects file with the reason of each sample, counted. Nothing is edited:
 a kept response is the teacher's text as generated.
 
-Input: prompt records from ``instructkit data add-constraints`` (``{"prompt": [...], "constraints": [{"id", "kwargs"}]}``).
+Input: prompt records from ``instructkit data add-constraints``
+(``{"prompt": [...], "constraints": [{"id", "kwargs"}]}``).
 Output: internal-format conversations (data/io.write_jsonl), meta = the prompt's meta plus ``teacher``, ``sample``
-(which of the samples passed) and ``generated_by: rejection_sampling`` (readers set ``source`` to the file); ``<out>.rejects`` (JSONL) and ``<out>.report.json``
+(which of the samples passed) and ``generated_by: rejection_sampling`` (readers set ``source`` to the file);
+``<out>.rejects`` (JSONL) and ``<out>.report.json``
 (counts; acceptance per constraint id and per sample).
 
 Phases: read prompts -> load the teacher -> generate in chunks of ``chunk`` prompts (each prompt repeated
