@@ -204,6 +204,50 @@ def test_killed_pipeline_continues_from_the_missing_stage(fast_run, shared_data,
     assert (copy / "report.md").exists()
 
 
+@pytest.mark.parametrize("name", ["instructgpt.yaml", "instructgpt_hh.yaml"])
+def test_shipped_configs_resolve_data_paths_against_their_folder(name, shared_data, monkeypatch, tmp_path):
+    """Data paths in a pipeline config resolve against the config's folder (as every recipe's config does), so the
+    command works from any folder; the HH config's slices are disjoint."""
+    monkeypatch.chdir(tmp_path)
+    cfg = ig.load_instructgpt_config(ROOT / "configs" / name)
+    sources = [*cfg.sft.data.sources, *cfg.reward_model.data.sources, *cfg.ppo.data.sources, *cfg.eval_prompts]
+    for src in sources:
+        assert Path(src.path).is_absolute() and Path(src.path).exists(), src.path
+    if name == "instructgpt_hh.yaml":
+        from instructkit.config import load_config, RewardModelConfig
+
+        judge = load_config(RewardModelConfig, ROOT / "configs" / "reward_model_hh_judge.yaml").data.sources[0]
+        rm = cfg.reward_model.data.sources[0]
+        assert rm.skip + rm.max_examples <= judge.skip and judge.skip + judge.max_examples <= cfg.eval_prompts[0].skip
+        assert cfg.reward_model.data.validation_split_by == "first_user_turn"
+
+
+def test_held_out_judge_scores_the_same_responses(fast_run, shared_data, capsys, tmp_path):
+    """judge_reward_model: a second RM scores both policies' responses. With the stage-2 RM itself as the judge the
+    judge's scores, means and win rate equal the RM's exactly (same token ids, same normalisation)."""
+    import shutil
+
+    rc, run = fast_run
+    assert rc == 0
+    copy = tmp_path / "tiny_instructgpt"
+    shutil.copytree(run, copy)
+    judge = copy / "reward_model" / "final"
+    assert _run(shared_data, tmp_path, FAST + [f"judge_reward_model={judge}"], capsys) == 0
+    results = json.loads((copy / "results.json").read_text())
+    s, pol = results["summary"], results["policies"]
+    for name in ("sft", "ppo"):
+        assert pol[name]["judge_scores"] == pytest.approx(pol[name]["scores"], abs=1e-6)
+        assert s[f"{name}.judge_reward_mean"] == pytest.approx(s[f"{name}.reward_mean"], abs=1e-6)
+    for k in ("winrate", "wins", "ties", "losses"):
+        assert s[f"ppo_vs_sft.judge_{k}"] == s[f"ppo_vs_sft.{k}"]
+    cells = _markdown_cells((copy / "report.md").read_text())
+    assert cells["win rate under the held-out judge (ties count half)"] == [f"{s['ppo_vs_sft.judge_winrate']:.4f}"]
+    assert cells["held-out judge's reward (mean)"] == [f"{s['sft.judge_reward_mean']:.4f}",
+                                                        f"{s['ppo.judge_reward_mean']:.4f}"]
+    # without a judge the report has no judge rows (the fixture's run)
+    assert "held-out judge" not in (run / "report.md").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.slow_ci
 def test_tiny_config_ppo_beats_sft_under_the_reward_model(tmp_path, shared_data, capsys):

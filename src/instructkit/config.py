@@ -269,6 +269,13 @@ class DataSource:
     """Mixing weight (relative)."""
     max_examples: int | None = None
     """Cap on examples taken from this source (None: all)."""
+    skip: int = 0
+    """Examples of this source passed over before `max_examples` counts (read and validated, not used): with
+    max_examples, the slice [skip, skip + max_examples) of the file, e.g. disjoint parts of one file for two runs."""
+
+    def __post_init__(self) -> None:
+        if self.skip < 0:
+            raise ConfigError(f"data source {self.path!r}: skip must be >= 0, got {self.skip}")
 
 
 @dataclass
@@ -279,6 +286,10 @@ class DataConfig:
     """Held-out data; if empty, `validation_fraction` of the training data is held out."""
     validation_fraction: float = 0.05
     """Fraction of the training examples held out for validation loss when `validation` is empty."""
+    validation_split_by: str = "record"
+    """What that held-out fraction draws: "record" (examples, or a ranking's group of pairs, at random) or
+    "first_user_turn" (whole conversations: every example opening with the same first user message stays on one side,
+    as for HH-RLHF, whose pairs branch from shared conversations)."""
     max_length: int = 1024
     """Maximum tokens per example; longer examples are truncated (and dropped with a count if no supervised token
     survives)."""
@@ -323,6 +334,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.validation_split_by not in ("record", "first_user_turn"):
+            raise ConfigError(f"data.validation_split_by must be record or first_user_turn, "
+                              f"got {self.validation_split_by!r}")
 
 
 @dataclass
@@ -1177,6 +1191,11 @@ class InstructGPTConfig:
     """Sampling seed of the comparison (both policies use the same one)."""
     num_samples: int = 4
     """Sample responses shown side by side in the report."""
+    judge_reward_model: str = ""
+    """A second reward model folder (same tokenizer as the policy), trained on preference data disjoint from the
+    stage-2 RM's: it scores both policies' held-out responses too, and the report gives PPO's win rate under it. PPO
+    optimised the stage-2 RM, so a win under that RM alone may be over-optimisation; a win under an independent
+    judge is evidence (the "gold" reward model of Gao et al. 2023, Scaling Laws for Reward Model Overoptimization)."""
 
     def __post_init__(self) -> None:
         if min(self.eval_max_prompts, self.eval_offset) < 0 or min(self.eval_batch_size, self.eval_max_new_tokens) < 1:

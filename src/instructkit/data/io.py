@@ -45,12 +45,14 @@ MAX_ELEMENT_CHARS = 1 << 28  # a JSON array element larger than this is reported
 
 @dataclass
 class ReadStats:
-    """What a read saw. ``total`` records = ``kept`` + ``rejected``; ``examples`` is what the kept records became."""
+    """What a read saw. ``total`` records = ``kept`` + ``rejected``; ``examples`` is what the kept records became
+    (``skipped`` of them were passed over by a source's ``skip`` and not yielded)."""
 
     total: int = 0
     kept: int = 0
     rejected: int = 0
     examples: int = 0
+    skipped: int = 0
     by_reason: Counter = field(default_factory=Counter)
     format: str | None = None
     sources: list[str] = field(default_factory=list)
@@ -62,6 +64,7 @@ class ReadStats:
             "kept": self.kept,
             "rejected": self.rejected,
             "examples": self.examples,
+            **({"skipped": self.skipped} if self.skipped else {}),
             "by_reason": dict(self.by_reason.most_common()),
         }
 
@@ -479,6 +482,7 @@ def iter_examples(
     max_examples: int | None = None,
     tool_call_format: str = "auto",
     split_think: bool = False,
+    skip: int = 0,
 ) -> Iterator[Example]:
     """Stream the examples of a file or folder (see the module docstring).
 
@@ -486,11 +490,15 @@ def iter_examples(
     root-to-leaf path, not only the best-ranked one. ``split``: which split of a saved DatasetDict. ``expect``:
     "conversation", "preference", "unpaired" or "text" to refuse the other kinds with a clear error.
     ``max_examples``: stop after that many examples (the stats then cover the records read so far).
+    ``skip``: pass over the first N examples (still read and validated, counted in ``stats.skipped``) before
+    ``max_examples`` counts: a slice [skip, skip + max_examples) of the file, as a data set's `train[1200:]`.
     ``tool_call_format``, ``split_think``: how assistant turns are read (formats.ReadOptions; DataConfig's fields of
     those names).
     """
     stats = stats if stats is not None else ReadStats()
     stats.sources.append(str(path))
+    if skip < 0:
+        raise DataError(f"skip must be >= 0, got {skip}", source=str(path))
     if not 0.0 <= max_invalid_fraction <= 1.0:
         raise DataError(f"max_invalid_fraction must be in [0, 1], got {max_invalid_fraction}")
     fmt = F.canonical_format(format)
@@ -523,7 +531,7 @@ def iter_examples(
     produced = 0
     try:
         if fmt == "oasst":
-            yield from _oasst_examples(all_records(), stats, reject, all_paths, max_examples)
+            yield from _oasst_examples(all_records(), stats, reject, all_paths, max_examples, skip)
         else:
             for rec in all_records():
                 stats.total += 1
@@ -537,6 +545,9 @@ def iter_examples(
                 stats.kept += 1
                 for ex in examples:
                     stats.examples += 1
+                    if stats.skipped < skip:
+                        stats.skipped += 1
+                        continue
                     produced += 1
                     yield _with_meta(ex, rec, fmt)
                     if max_examples is not None and produced >= max_examples:
@@ -565,7 +576,7 @@ def wrong_kind(fmt: str, kind: str, expect: str) -> str:
     return f"format '{fmt}' holds {kind} data, but {expect} data is expected"
 
 
-def _oasst_examples(records, stats: ReadStats, reject, all_paths: bool, max_examples: int | None):
+def _oasst_examples(records, stats: ReadStats, reject, all_paths: bool, max_examples: int | None, skip: int = 0):
     """oasst: parse every message (bad ones rejected), build the trees, then reject what cannot hang in a tree."""
     parsed: list[F.OasstMessage] = []
     where: dict[int, RawRecord] = {}
@@ -587,6 +598,9 @@ def _oasst_examples(records, stats: ReadStats, reject, all_paths: bool, max_exam
     produced = 0
     for end, conv in convs:
         stats.examples += 1
+        if stats.skipped < skip:
+            stats.skipped += 1
+            continue
         produced += 1
         yield _with_meta(conv, where[end.order], "oasst")
         if max_examples is not None and produced >= max_examples:

@@ -199,7 +199,7 @@ def mix_from_config(cfg: MixtureConfig, base_dir: str | Path | None = None, **re
         p = Path(src.path)
         if base_dir is not None and not p.is_absolute() and not p.exists():
             p = Path(base_dir) / p
-        loaded[name] = read_examples(p, src.format, max_examples=src.max_examples, **read_kwargs)
+        loaded[name] = read_examples(p, src.format, max_examples=src.max_examples, skip=src.skip, **read_kwargs)
         weights[name] = src.weight
     return mix(
         loaded,

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from instructkit.config import (PIPELINE_REWARD_MODEL, ConfigError, DataSource, InstructGPTConfig, from_dict,
-                                apply_overrides, save_config)
+from instructkit.config import (PIPELINE_REWARD_MODEL, ConfigError, DataSource, InstructGPTConfig, apply_overrides,
+                                from_dict, resolve_source_paths, save_config)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def load_instructgpt_config(path: str | Path | None, overrides: list[str] | None
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
+        resolve_source_paths(data, p.resolve().parent)  # every stage's sources and eval_prompts, as load_config does
     apply_overrides(data, overrides or [])
     ppo = data.setdefault("ppo", {})
     if not isinstance(ppo, dict):
@@ -206,6 +207,12 @@ def compare_policies(cfg: InstructGPTConfig, sft_dir: Path, ppo_dir: Path, rm_di
     rm, rm_tok, (rm_mean, rm_std) = load_reward_model(rm_dir)
     if rm_tok.get_vocab() != tok.get_vocab():
         raise ConfigError("the reward model's tokenizer differs from the policy's")
+    judge = None
+    if cfg.judge_reward_model:
+        judge, judge_tok, (judge_mean, judge_std) = load_reward_model(cfg.judge_reward_model)
+        if judge_tok.get_vocab() != tok.get_vocab():
+            raise ConfigError(f"judge_reward_model {cfg.judge_reward_model}: its tokenizer differs from the policy's "
+                              "(it scores the policies' token ids as the stage-2 reward model does)")
     sft.eval()
     ppo.eval()
     renderer = Renderer(tok, template=template)
@@ -218,11 +225,14 @@ def compare_policies(cfg: InstructGPTConfig, sft_dir: Path, ppo_dir: Path, rm_di
     kl_tok_sum, kl_tok_n, kl_seq, kl_exact_seq = 0.0, 0, [], []
     for name, model in (("sft", sft), ("ppo", ppo)):
         outputs = Engine(model, tok, max_batch_size=bs).generate(prompt_ids, params)
-        scores, ended, lengths = [], [], []
+        scores, judge_scores, ended, lengths = [], [], [], []
         for s in range(0, len(prompt_ids), bs):
             batch, end = make_rollout_batch(prompt_ids[s:s + bs], outputs[s:s + bs], stop_ids, tok.pad_token_id)
             with torch.no_grad():
                 raw = sequence_scores(rm, batch["input_ids"], batch["attention_mask"])  # (b,)
+                if judge is not None:
+                    judged = sequence_scores(judge, batch["input_ids"], batch["attention_mask"])  # (b,)
+                    judge_scores += ((judged - judge_mean) / judge_std).tolist()
             scores += ((raw - rm_mean) / rm_std).tolist()  # as PPO normalised its scores
             ended += end.tolist()
             lengths += batch["response_mask"].sum(1).long().tolist()
@@ -237,6 +247,9 @@ def compare_policies(cfg: InstructGPTConfig, sft_dir: Path, ppo_dir: Path, rm_di
             "reward_mean": mean, "reward_std": std, "response_length_mean": sum(lengths) / len(lengths),
             "ended_fraction": sum(ended) / len(ended), "scores": scores, "lengths": lengths,
             "responses": [o.text for o in outputs], "ended": [bool(e) for e in ended]}
+        if judge is not None:
+            per_policy[name]["judge_reward_mean"] = _mean_std(judge_scores)[0]
+            per_policy[name]["judge_scores"] = judge_scores
     kl = {
         "kl_per_token": kl_tok_sum / max(kl_tok_n, 1),
         "kl_per_sequence": sum(kl_seq) / len(kl_seq),
@@ -244,8 +257,11 @@ def compare_policies(cfg: InstructGPTConfig, sft_dir: Path, ppo_dir: Path, rm_di
         "kl_exact_per_sequence": sum(kl_exact_seq) / len(kl_exact_seq),
         "kl_per_sequence_values": kl_seq,
     }
-    return {"prompts": prompts, "policies": per_policy, "kl": kl,
-            "winrate": win_rate(per_policy["ppo"]["scores"], per_policy["sft"]["scores"])}
+    out = {"prompts": prompts, "policies": per_policy, "kl": kl,
+           "winrate": win_rate(per_policy["ppo"]["scores"], per_policy["sft"]["scores"])}
+    if judge is not None:
+        out["judge_winrate"] = win_rate(per_policy["ppo"]["judge_scores"], per_policy["sft"]["judge_scores"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -261,6 +277,11 @@ def summary_numbers(cmp: dict[str, Any]) -> dict[str, float]:
         out[f"ppo_vs_sft.{k}"] = cmp["winrate"][k]
     for k in ("kl_per_token", "kl_per_sequence", "kl_exact_per_token", "kl_exact_per_sequence"):
         out[f"ppo_vs_sft.{k}"] = cmp["kl"][k]
+    if "judge_winrate" in cmp:
+        for name in ("sft", "ppo"):
+            out[f"{name}.judge_reward_mean"] = cmp["policies"][name]["judge_reward_mean"]
+        for k in ("winrate", "wins", "ties", "losses"):
+            out[f"ppo_vs_sft.judge_{k}"] = cmp["judge_winrate"][k]
     return out
 
 
@@ -281,19 +302,27 @@ def report_markdown(cfg: InstructGPTConfig, results: dict[str, Any], plots: dict
              f"{int(s['ppo_vs_sft.n'])} held-out prompts, responses {sampling}, at most {cfg.eval_max_new_tokens} "
              f"tokens, the same seed for both policies. Rewards are the stage-2 reward model's normalised scores.", "",
              "| metric | SFT | PPO |", "|---|---|---|"]
-    for k, label in (("reward_mean", "reward (mean)"), ("reward_std", "reward (std)"),
-                     ("response_length_mean", "response length (tokens, mean)"),
-                     ("ended_fraction", "fraction ending with end-of-turn")):
+    judged = "ppo_vs_sft.judge_winrate" in s
+    rows = (("reward_mean", "reward (mean)"), ("reward_std", "reward (std)"),
+            ("response_length_mean", "response length (tokens, mean)"),
+            ("ended_fraction", "fraction ending with end-of-turn"))
+    for k, label in rows + ((("judge_reward_mean", "held-out judge's reward (mean)"),) if judged else ()):
         lines.append(f"| {label} | {_fmt(s['sft.' + k])} | {_fmt(s['ppo.' + k])} |")
     lines += ["", "| PPO vs SFT | value |", "|---|---|"]
+    judge_rows = ((("judge_winrate", "win rate under the held-out judge (ties count half)"),
+                   ("judge_wins", "judge: wins"), ("judge_ties", "judge: ties"), ("judge_losses", "judge: losses"))
+                  if judged else ())
     for k, label in (("winrate", "win rate under the RM (ties count half)"), ("wins", "wins"), ("ties", "ties"),
-                     ("losses", "losses"), ("kl_per_token", "KL per token (log-ratio, k1)"),
+                     ("losses", "losses"), *judge_rows, ("kl_per_token", "KL per token (log-ratio, k1)"),
                      ("kl_per_sequence", "KL per sequence (log-ratio, k1)"),
                      ("kl_exact_per_token", "KL per token (exact over the vocabulary)"),
                      ("kl_exact_per_sequence", "KL per sequence (exact over the vocabulary)")):
         lines.append(f"| {label} | {_fmt(s['ppo_vs_sft.' + k])} |")
     lines += ["", "KL(pi_ppo || pi_sft) is measured on the PPO policy's responses; see recipes/instructgpt.py for the "
               "two estimators.", ""]
+    if judged:
+        lines += [f"The held-out judge is `{cfg.judge_reward_model}`, a reward model trained on other preference data "
+                  "than the stage-2 RM that PPO optimised; its normalised scores rank the same responses.", ""]
     stages = results["stages"]
     ppo_first, ppo_last = stages["ppo"].get("first") or {}, stages["ppo"].get("last") or {}
     lines += ["## Stages", "",

@@ -168,13 +168,20 @@ def row_chunks(groups: list[EncodedGroup], max_rows: int = 32) -> list[list[Enco
     return chunks
 
 
+def by_length(groups: list[EncodedGroup]) -> list[EncodedGroup]:
+    """Groups ordered by their longest prompt + response (stable), so that a chunk pads its rows to similar lengths:
+    the held-out metrics and reward statistics are order-free means, and on real data (HH-RLHF, lengths 30-320
+    tokens) chunks of consecutive groups spent most of their compute on padding."""
+    return sorted(groups, key=lambda g: len(g.prompt) + max(len(r) for r in g.responses))
+
+
 @torch.no_grad()
 def evaluate_groups(model, groups: list[EncodedGroup], pad_id: int, max_rows: int = 32) -> dict[str, float]:
     """Held-out pairwise loss (mean over pairs), accuracy (fraction of pairs ordered correctly) and mean margin."""
     was = model.training
     model.eval()
     better, worse = [], []
-    for chunk in row_chunks(groups, max_rows):  # every rank runs every chunk: lockstep under sharding
+    for chunk in row_chunks(by_length(groups), max_rows):  # every rank runs every chunk: lockstep under sharding
         b, w = sharding.route(group_rewards)(model, group_batch(chunk, pad_id))
         better.append(b)
         worse.append(w)
@@ -191,7 +198,7 @@ def reward_statistics(model, groups: list[EncodedGroup], pad_id: int, max_rows: 
     """Mean and std of the raw rewards of every distinct training response (each response of each group once)."""
     model.eval()
     scores = []
-    for chunk in row_chunks(groups, max_rows):
+    for chunk in row_chunks(by_length(groups), max_rows):
         batch = group_batch(chunk, pad_id)
         scores.append(sharding.route(sequence_scores)(model, batch["input_ids"], batch["attention_mask"]))
     s = torch.cat(scores)
@@ -259,6 +266,7 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
     step_metrics: dict[int, dict[str, float]] = {}
     loss_fn = sharding.route(partial(micro_batch_loss, use_margin=cfg.use_margin, sink=step_metrics))
     model.train()
+    held_out: dict[str, float] | None = None  # the last step's held-out metrics, if it was an eval step
     for step in range(start, run.total_steps):
         mbs = [group_batch([train_items[i] for i in rows], pad_id) for rows in run.micro_batches(step)]
         step_metrics.clear()
@@ -269,13 +277,15 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
         real = [step_metrics[id(b)] for b in mbs if id(b) in step_metrics]
         sums = run.dist.sum_metrics(real + [{"_pairs": sum(b["n_pairs"] for b in mbs)}], 1, METRIC_KEYS)
         rec.update({k: sums[k] / max(sums["_pairs"], 1) for k in METRIC_KEYS if k != "_pairs"})
+        held_out = None
         if run.due("eval", done) and val_items:
-            rec.update(evaluate_groups(model, val_items, pad_id))
+            held_out = evaluate_groups(model, val_items, pad_id)
+            rec.update(held_out)
         run.after_step(done, rec)
 
-    # -- held-out accuracy, normalisation, save
+    # -- held-out accuracy (the last step's if it just ran: the weights have not changed since), normalisation, save
     result: dict[str, Any] = {"train_pairs": n_train_pairs, "train_groups": len(train_items)}
-    result.update(evaluate_groups(model, val_items, pad_id))
+    result.update(held_out if held_out is not None else evaluate_groups(model, val_items, pad_id))
     mean, std = reward_statistics(model, train_items, pad_id) if cfg.normalize else (0.0, 1.0)
     result.update({"reward_mean": mean, "reward_std": std})
     run.log({"step": run.total_steps, **result})

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from instructkit.config import ConfigError, SFTConfig
+from instructkit.data.sources import held_out_indices
 from instructkit.training.packing import IGNORE_INDEX, Sample, build_rows, collate_rows, prepare_samples
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,14 @@ def _read(src, cfg: SFTConfig, run_dir: Path, st) -> list:
         except ImportError:
             raise ConfigError(f"data path {src.path!r}: built-in data sets are not available in this build") from None
         examples = list(load_builtin(src.path.split(":", 1)[1]))
+        examples = examples[src.skip:]
         return examples[: src.max_examples] if src.max_examples else examples
     from instructkit.data.io import read_conversations
 
     return read_conversations(src.path, src.format, skip_invalid=cfg.data.skip_invalid,
                               rejects_path=cfg.data.rejects_path or (run_dir / "rejects.jsonl"),
                               max_invalid_fraction=cfg.data.max_invalid_fraction, max_examples=src.max_examples,
+                              skip=src.skip,
                               tool_call_format=cfg.data.tool_call_format, split_think=cfg.data.split_think,
                               stats=st)
 
@@ -66,10 +69,8 @@ def load_conversations(cfg: SFTConfig, run_dir: Path, stats: dict | None = None)
     train = [c for src in cfg.data.sources for c in _read_source(src, cfg, run_dir, stats)]
     val = [c for src in cfg.data.validation for c in _read_source(src, cfg, run_dir)]
     if not cfg.data.validation and cfg.data.validation_fraction > 0 and len(train) > 1:
-        order = list(range(len(train)))
-        random.Random(cfg.data.seed).shuffle(order)
-        n_val = max(1, int(round(cfg.data.validation_fraction * len(train))))
-        held = set(order[:n_val])
+        held = held_out_indices(train, cfg.data.validation_fraction, cfg.data.seed, cfg.data.validation_split_by,
+                                at_least=1)
         val = [train[i] for i in sorted(held)]
         train = [c for i, c in enumerate(train) if i not in held]
     return train, val
