@@ -118,3 +118,12 @@ def test_yaml_config_and_relative_paths(tmp_path):
     assert all(int(e.messages[0].content[1:]) < 12 for e in m.examples if e.meta["format"] == "prompt_completion")
     with pytest.raises(ConfigError, match="unknown config key"):
         load_mixture_config(cfg_file, ["sourcez=1"])
+
+
+def test_source_skip_slices_a_mixture_source(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(30)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg_file = tmp_path / "mix.yaml"
+    cfg_file.write_text("strategy: proportional\nsources:\n  - {path: a.jsonl, skip: 20, max_examples: 5}\n")
+    m = mix_from_config(load_mixture_config(cfg_file), base_dir=tmp_path)
+    assert sorted(int(e.messages[0].content[1:]) for e in m.examples) == [20, 21, 22, 23, 24]

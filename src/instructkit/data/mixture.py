@@ -44,7 +44,7 @@ STRATEGIES = ("weighted", "proportional")
 class MixtureConfig:
     sources: list[DataSource] = field(default_factory=list)
     """The sources: path, format, weight (used by "weighted"), max_examples (only the first N examples of the file are
-    read; the mixture then samples from those)."""
+    read; the mixture then samples from those), skip (examples passed over before max_examples counts)."""
     strategy: str = "weighted"
     """"weighted" (rates proportional to weight) or "proportional" (T5/FLAN: rates proportional to
     min(size, cap)^(1/temperature))."""
