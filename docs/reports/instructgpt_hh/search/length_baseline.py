@@ -2,7 +2,7 @@
 
 Usage (from the repository root): python docs/reports/instructgpt_hh/search/length_baseline.py CONFIG[::key=value...] ...
 """
-import json, sys
+import json, sys, tempfile
 from pathlib import Path
 from transformers import AutoTokenizer
 from instructkit.config import load_config, RewardModelConfig
@@ -15,8 +15,9 @@ tok = AutoTokenizer.from_pretrained(str(zoo.cache_dir("smollm2-135m-instruct")))
 out = {}
 for cfg_path, overrides in [(a.split("::")[0], a.split("::")[1:]) for a in sys.argv[1:]]:
     cfg = load_config(RewardModelConfig, cfg_path, overrides)
-    pairs, _ = read_sources(cfg.data, cfg.data.sources, "/tmp/lb")
-    train, val, _ = split_groups(pairs, cfg.data, "/tmp/lb")
+    tmp = tempfile.mkdtemp()  # where a skip_invalid read writes its rejects
+    pairs, _ = read_sources(cfg.data, cfg.data.sources, tmp)
+    train, val, _ = split_groups(pairs, cfg.data, tmp)
     r = Renderer.from_config(tok, cfg.model.template, cfg.data)
     items, _ = encode_groups(r, val, cfg.data.max_length)
     score = []
