@@ -103,5 +103,7 @@ def test_sft_reads_a_slice_of_a_builtin_and_of_a_file(tmp_path):
     every = list(load_builtin("quickstart_train"))
     cfg = SFTConfig(data=DataConfig(sources=[DataSource(path="builtin:quickstart_train", skip=2, max_examples=3)],
                                     validation_fraction=0.0))
-    train, _ = load_conversations(cfg, tmp_path)
+    stats: dict = {}
+    train, _ = load_conversations(cfg, tmp_path, stats)
     assert [c.messages for c in train] == [c.messages for c in every[2:5]]
+    assert stats["builtin:quickstart_train"]["skipped"] == 2

@@ -278,6 +278,9 @@ class DataSource:
             raise ConfigError(f"data source {self.path!r}: skip must be >= 0, got {self.skip}")
 
 
+VALIDATION_SPLIT_BY = ("record", "first_user_turn")  # data/sources.split_unit says what each keeps together
+
+
 @dataclass
 class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
@@ -334,8 +337,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.validation_split_by not in ("record", "first_user_turn"):
-            raise ConfigError(f"data.validation_split_by must be record or first_user_turn, "
+        if self.validation_split_by not in VALIDATION_SPLIT_BY:
+            raise ConfigError(f"data.validation_split_by must be one of {', '.join(VALIDATION_SPLIT_BY)}, "
                               f"got {self.validation_split_by!r}")
 
 

@@ -45,9 +45,6 @@ def read_sources(data_cfg, sources, run_dir, expect: str | None = None) -> tuple
     return examples, stats
 
 
-SPLIT_BY = ("record", "first_user_turn")
-
-
 def split_unit(example, by: str) -> Any:
     """What the validation split keeps on one side: ``by="record"`` every example (or group of pairs) alone;
     ``"first_user_turn"`` every example that opens with the same first user message together (the conversation it

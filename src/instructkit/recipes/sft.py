@@ -48,6 +48,10 @@ def _read(src, cfg: SFTConfig, run_dir: Path, st) -> list:
         except ImportError:
             raise ConfigError(f"data path {src.path!r}: built-in data sets are not available in this build") from None
         examples = list(load_builtin(src.path.split(":", 1)[1]))
+        # counted as a file read counts: the examples up to the slice's end, the skipped ones among them
+        end = len(examples) if not src.max_examples else min(len(examples), src.skip + src.max_examples)
+        st.total = st.kept = st.examples = end
+        st.skipped = min(src.skip, end)
         examples = examples[src.skip:]
         return examples[: src.max_examples] if src.max_examples else examples
     from instructkit.data.io import read_conversations
