@@ -125,14 +125,14 @@ def make_sft_rows(shape: str, n_rows: int, pack_length: int, seed: int) -> list[
     vocab = SHAPES[shape]["vocab_size"]
     lo, hi = (128, 1024) if shape != "tiny" else (16, 96)
     samples = []
-    rows: list[list[int]] = []
-    while len(rows) < n_rows + 1:
+    full: list[list[int]] = []  # rows filled to over 90% (the partly filled last rows of the packing are left out)
+    while len(full) < n_rows:
         n = rng.randint(lo, hi)
         ids = [rng.randrange(10, vocab) for _ in range(n)]
         samples.append((ids, [0] * (n // 3) + [1] * (n - n // 3)))
         rows = pack_first_fit([len(s[0]) for s in samples], pack_length)
-    rows = [r for r in rows if sum(len(samples[i][0]) for i in r) > pack_length * 0.9] or rows
-    return [[samples[i] for i in r] for r in rows[:n_rows]]
+        full = [r for r in rows if sum(len(samples[i][0]) for i in r) > pack_length * 0.9]
+    return [[samples[i] for i in r] for r in full[:n_rows]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

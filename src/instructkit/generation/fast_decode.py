@@ -338,6 +338,8 @@ class FastDecoder:
         key = (rows, torch.get_num_threads(), exact)
         if rows < 2 or key == self._pack_key:
             return
+        if self.layers[0].mlp.gate_proj.weight.device.type != "cpu":
+            return  # both copies are MKL-on-CPU measures (the probes time CPU kernels); a GPU runs the plain matmul
         self._pack, self._pack_key = {}, key  # one row count at a time: the packs are a copy of the weights
         verdict: dict[tuple[int, int], str | None] = {}
         with torch.no_grad():
