@@ -391,7 +391,8 @@ def child_dpo_trl(spec: dict) -> dict:
                      optim="adamw_torch_fused" if device.startswith("cuda") else "adamw_torch", bf16=bf16,
                      use_cpu=device == "cpu", beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
                      max_length=None, logging_steps=10 ** 6, save_strategy="no", report_to=[], disable_tqdm=True,
-                     seed=spec["seed"], dataloader_num_workers=0)
+                     seed=spec["seed"], dataloader_num_workers=0,
+                     gradient_checkpointing=False)  # TRL 1.16's DPOConfig turns it on by default; ours is off
     ends: list[float] = []
     seen = {"loss": []}
 
