@@ -30,3 +30,27 @@ def test_encode_prompts_keeps_renders_and_counts_drops():
     with pytest.raises(DataError, match=r"2 usable prompts, fewer than the 3 of prompts_per_step=3 \(1 longer than "
                                         r"data.max_length=5, 1 without a prompt\)"):
         encode_prompts(examples, CharRenderer(), max_length=5, need=3, why="prompts_per_step=3")
+
+
+def test_prompt_only_file_tools_are_the_prompts_tools_not_meta(tmp_path):
+    """A prompt file record {"prompt", "tools", ...}: its tools are rendered with the prompt (as SFT renders a
+    conversation's tools), not left in meta where no renderer sees them; its other fields stay meta for rewards."""
+    import json
+
+    from instructkit.data.io import read_examples
+
+    params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                             "parameters": params}}
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "Weather in Oslo?", "tools": [tool], "answer": "sunny"}) + "\n"
+                    + json.dumps({"prompt": "Hi"}) + "\n")
+    examples = list(read_examples(path, "auto"))  # detected as prompt_only
+    assert examples[0].tools == [tool] and "tools" not in examples[0].meta
+    assert examples[0].meta["answer"] == "sunny" and examples[1].tools is None
+    prompts, _ = encode_prompts(examples, CharRenderer(), max_length=100)
+    assert prompts[0]["ids"] == [ord(c) for c in "Weather in Oslo?"] + [0]  # one id per rendered tool
+    assert prompts[1]["ids"] == [ord(c) for c in "Hi"]
+    path.write_text(json.dumps({"prompt": "p", "tools": [{"type": "function"}]}) + "\n")
+    with pytest.raises(DataError, match=r"prompts\.jsonl:1: tools\[0\] has no function name"):
+        list(read_examples(path, "prompt_only"))

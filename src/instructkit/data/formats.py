@@ -16,7 +16,7 @@ oasst                  oasst1 flat messages (``message_id``, ``parent_id``, ``ro
                        file is grouped into trees by ``oasst_conversations`` (one record alone is not an example)
 ultrachat              ``data: [user, assistant, user, ...]``, optional ``id``
 prompt_completion      ``prompt``, ``completion`` (strings or message lists)
-prompt_only            ``prompt`` alone (evaluation prompts such as IFEval): a conversation ending with a user turn
+prompt_only            ``prompt`` (evaluation and RL prompts such as IFEval), optional ``tools``: ends with a user turn
 flan                   ``inputs``, ``targets``
 self_instruct          seed tasks: ``instruction``, ``instances: [{input, output}]``, ``is_classification``
 preference             ``prompt``, ``chosen``, ``rejected`` as strings or message lists (full conversations that
@@ -495,13 +495,15 @@ def from_prompt_completion(record: Any) -> list[Example]:
 
 
 def from_prompt_only(record: Any) -> list[Example]:
-    """An evaluation prompt: the conversation ends with the user turn; the other scalar/list fields go to meta."""
+    """A prompt (evaluation prompts such as IFEval, RL prompts): the conversation ends with the user turn; ``tools``
+    (function definitions) are the conversation's tools, rendered with the prompt as in SFT; the other scalar/list
+    fields go to meta (reward and checker inputs)."""
     r = _require_object(record, "prompt_only")
     if "prompt" not in r:
         raise DataError("missing field 'prompt'")
     prompt = _text_or_messages(r["prompt"], "prompt", "user")
-    meta = {k: v for k, v in r.items() if k not in ("prompt", "meta", "source", "line", "record", "format")}
-    return [_conversation(prompt, meta, final="user")]
+    meta = {k: v for k, v in r.items() if k not in ("prompt", "tools", "meta", "source", "line", "record", "format")}
+    return [_conversation(prompt, meta, final="user", tools=normalize_tools(r.get("tools")))]
 
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
