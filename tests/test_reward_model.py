@@ -90,6 +90,54 @@ def test_normalisation_centres_training_rewards(trained_rm, pref_data):
     assert z.std().item() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_statistics_groups_sample_whole_groups_seeded():
+    from instructkit.data.preference import EncodedGroup
+    from instructkit.recipes.reward_model import statistics_groups
+
+    groups = [EncodedGroup([i], [[i, 1], [i, 2]] + ([[i, 3]] if i % 2 else []), [(0, 1)], [0.0]) for i in range(20)]
+    assert statistics_groups(groups, None, 0) is groups
+    assert statistics_groups(groups, 50, 0) is groups  # 50 responses in all: every one
+    picked = statistics_groups(groups, 9, 3)
+    sizes = [len(g.responses) for g in picked]
+    assert sum(sizes[:-1]) < 9 <= sum(sizes)  # whole groups until at least 9 responses
+    assert len({id(g) for g in picked}) == len(picked)
+    assert [g.prompt for g in statistics_groups(groups, 9, 3)] == [g.prompt for g in picked]  # seeded
+    assert [g.prompt for g in statistics_groups(groups, 9, 4)] != [g.prompt for g in picked]
+
+
+def test_normalisation_on_a_sample_resumes_from_the_last_checkpoint(trained_rm, pref_data, tmp_path):
+    """normalize_sample=64: the stored mean/std are those of the 64 sampled training responses (32 pairs), and the
+    setting may change on resume (the statistics come after the last step)."""
+    from instructkit.chat.render import Renderer
+    from instructkit.data.io import read_pairs
+    from instructkit.data.preference import encode_groups, group_pairs
+    from instructkit.models.value_head import load_reward_model
+    from instructkit.recipes.reward_model import statistics_groups
+
+    ckpt = trained_rm / "checkpoints" / "step-30"
+    assert cli(rm_args(pref_data, tmp_path, "sampled", "normalize_sample=64", f"train.resume={ckpt}")) == 0
+    summary = json.loads((tmp_path / "sampled" / "summary.json").read_text())
+    assert summary["reward_stat_responses"] == 64
+    model, tok, (mean, std) = load_reward_model(tmp_path / "sampled" / "final")
+    _, _, (mean_all, std_all) = load_reward_model(trained_rm / "final")
+    assert (mean, std) != (mean_all, std_all)
+    items, _ = encode_groups(Renderer(tok), group_pairs(read_pairs(pref_data[0])), 64)
+    picked = statistics_groups(items, 64, 0)  # data.seed 0
+    with torch.no_grad():
+        scores = [s for g in picked for s in group_scores_of(model, g, tok.pad_token_id)]
+    t = torch.tensor(scores)
+    assert len(scores) == 64
+    assert mean == pytest.approx(t.mean().item(), abs=1e-5) and std == pytest.approx(t.std().item(), abs=1e-5)
+
+
+def group_scores_of(model, group, pad_id):
+    from instructkit.models.value_head import sequence_scores
+    from instructkit.rl.rollout import prompt_response_batch
+
+    batch = prompt_response_batch([group.prompt] * len(group.responses), group.responses, pad_id)
+    return sequence_scores(model, batch["input_ids"], batch["attention_mask"]).tolist()
+
+
 def test_rm_resume_from_a_checkpoint_equals_uninterrupted(trained_rm, pref_data, tmp_path):
     """Resuming at step 10 of the 30-step run reproduces its final weights and its metrics exactly."""
     from safetensors.torch import load_file
@@ -180,3 +228,9 @@ def test_config_checks(tmp_path):
         load_config(PPOConfig, None, ["reward_function=a:b", "rollout_batch_size=10", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="loss_type"):
         load_config(DPOConfig, None, ["loss_type=hinge"])
+    from instructkit.config import RewardModelConfig
+
+    for bad in ("1", "true", "0.5"):
+        with pytest.raises(ConfigError, match="normalize_sample"):
+            load_config(RewardModelConfig, None, [f"normalize_sample={bad}"])
+    assert load_config(RewardModelConfig, None, ["normalize_sample=null"]).normalize_sample is None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from functools import partial
 from typing import Any
 
@@ -193,9 +194,26 @@ def evaluate_groups(model, groups: list[EncodedGroup], pad_id: int, max_rows: in
             "eval_pairs": sum(len(g.pairs) for g in groups), "eval_groups": len(groups)}
 
 
+def statistics_groups(groups: list[EncodedGroup], sample: int | None, seed: int) -> list[EncodedGroup]:
+    """The groups whose responses the normalisation statistics are measured on: all of them (``sample`` None or at
+    least their responses), else whole groups in a seeded random order until they hold ``sample`` responses (the same
+    on every rank: every rank runs every chunk)."""
+    if sample is None or sum(len(g.responses) for g in groups) <= sample:
+        return groups
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    out, n = [], 0
+    for i in order:
+        out.append(groups[i])
+        n += len(groups[i].responses)
+        if n >= sample:
+            break
+    return out
+
+
 @torch.no_grad()
 def reward_statistics(model, groups: list[EncodedGroup], pad_id: int, max_rows: int = 32) -> tuple[float, float]:
-    """Mean and std of the raw rewards of every distinct training response (each response of each group once)."""
+    """Mean and std of the raw rewards of the distinct responses of ``groups`` (each response of each group once)."""
     model.eval()
     scores = []
     for chunk in row_chunks(by_length(groups), max_rows):
@@ -286,8 +304,12 @@ def main(cfg: RewardModelConfig) -> dict[str, Any]:
     # -- held-out accuracy (the last step's if it just ran: the weights have not changed since), normalisation, save
     result: dict[str, Any] = {"train_pairs": n_train_pairs, "train_groups": len(train_items)}
     result.update(held_out if held_out is not None else evaluate_groups(model, val_items, pad_id))
-    mean, std = reward_statistics(model, train_items, pad_id) if cfg.normalize else (0.0, 1.0)
-    result.update({"reward_mean": mean, "reward_std": std})
+    mean, std, n_stat = 0.0, 1.0, 0
+    if cfg.normalize:
+        stat_items = statistics_groups(train_items, cfg.normalize_sample, cfg.data.seed)
+        n_stat = sum(len(g.responses) for g in stat_items)
+        mean, std = reward_statistics(model, stat_items, pad_id)
+    result.update({"reward_mean": mean, "reward_std": std, "reward_stat_responses": n_stat})
     run.log({"step": run.total_steps, **result})
     backbone_and_score(sharding.unwrap(model))  # fails early if the head cannot be found
     return run.finish(model, tok, result, template=renderer.template, kind="reward", reward_norm=(mean, std))

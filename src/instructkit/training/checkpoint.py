@@ -39,6 +39,8 @@ RESUME_SAFE_FIELDS = frozenset({
     "train.output_dir", "train.run_name", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_checkpoints", "train.resume", "train.sample_every", "train.sample_prompts", "train.tensorboard",
     "train.threads", "data.rejects_path", "data.num_workers", "eval", "sample",
+    # the reward model's normalisation is measured after the last step: it does not change the training it resumes
+    "normalize", "normalize_sample",
 })
 
 
