@@ -7,6 +7,7 @@ the RM on the synthetic rule it can learn.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -263,3 +264,30 @@ def test_tiny_config_ppo_beats_sft_under_the_reward_model(tmp_path, shared_data,
     assert math.isfinite(s["ppo_vs_sft.kl_per_sequence"])
     md = (run / "report.md").read_text()
     assert re.search(r"\| win rate under the RM \(ties count half\) \| [01]\.\d{4} \|", md)
+
+
+def test_held_out_prompts_skip_invalid_records_only_when_asked(tmp_path):
+    """eval_prompts read like training data: a bad record stops the comparison naming file and line, unless
+    eval_skip_invalid, which writes it with its reason to <run>/eval_prompts/ and keeps counting valid examples."""
+    import json
+
+    from instructkit.config import ConfigError, DataSource, InstructGPTConfig
+    from instructkit.data.schema import DataError
+    from instructkit.recipes.instructgpt import load_heldout_prompts
+
+    path = tmp_path / "pairs.jsonl"
+    good = lambda i: {"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"}  # noqa: E731
+    path.write_text("\n".join(json.dumps(r) for r in [good(0), {"prompt": "q", "chosen": "", "rejected": "b"},
+                                                       good(1), good(2), good(3)]) + "\n")
+    src = [DataSource(path=str(path), skip=1, max_examples=2)]
+    strict = InstructGPTConfig(synthetic_prompts="", eval_prompts=src, eval_max_prompts=0)
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2"):
+        load_heldout_prompts(strict, tmp_path / "run", None)
+    lenient = dataclasses.replace(strict, eval_skip_invalid=True, eval_max_invalid_fraction=0.5)
+    prompts = load_heldout_prompts(lenient, tmp_path / "run", None)
+    assert prompts == [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]  # valid 1-2
+    rejects = (tmp_path / "run" / "eval_prompts" / "rejects_0.jsonl").read_text().splitlines()
+    assert len(rejects) == 1 and json.loads(rejects[0])["line"] == 2
+    tight = dataclasses.replace(lenient, eval_max_invalid_fraction=0.0)
+    with pytest.raises((DataError, ConfigError)):
+        load_heldout_prompts(tight, tmp_path / "run2", None)

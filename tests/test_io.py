@@ -203,6 +203,19 @@ def test_skip_mode_fails_above_the_threshold(tmp_path):
     assert (tmp_path / "r.jsonl").read_text().count("\n") == 5  # rejects are written even when the read fails
 
 
+def test_skip_mode_threshold_also_holds_for_a_slice(tmp_path):
+    """max_examples stops the read early; the invalid fraction of the records read so far is still checked (it was
+    not: a slice of a file never failed the threshold)."""
+    good = json.dumps({"instruction": "q", "output": "a"})
+    bad = json.dumps({"instruction": "q", "output": ""})
+    f = write_lines(tmp_path / "d.jsonl", [good, bad, bad, good, good, good])
+    with pytest.raises(DataError, match=r"2 of 4 records rejected \(50.0%\), above max_invalid_fraction=0.25"):
+        list(iter_examples(f, "alpaca", skip_invalid=True, max_invalid_fraction=0.25, max_examples=2))
+    stats = ReadStats()
+    ex = list(iter_examples(f, "alpaca", skip_invalid=True, max_invalid_fraction=0.5, max_examples=2, stats=stats))
+    assert len(ex) == 2 and (stats.total, stats.rejected) == (4, 2)
+
+
 @settings(max_examples=60, deadline=None)
 @given(lines=st.lists(st.one_of(st.sampled_from(BAD_LINES), st.text(max_size=40).filter(lambda s: "\n" not in s and "\r" not in s)), max_size=20))
 def test_property_kept_plus_rejected_is_total(tmp_path_factory, lines):

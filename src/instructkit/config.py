@@ -1189,6 +1189,12 @@ class InstructGPTConfig:
     eval_prompts: list[DataSource] = field(default_factory=list)
     """Held-out prompt sources for the SFT-vs-PPO comparison (every turn before the last assistant turn is the
     prompt); ignored with synthetic_prompts."""
+    eval_skip_invalid: bool = False
+    """Skip held-out records that fail validation (written with reasons to <run>/eval_prompts/rejects_<i>.jsonl and
+    counted), as `data.skip_invalid` does for training data; off: the first bad record stops the comparison. A
+    source's `skip` / `max_examples` count valid examples either way."""
+    eval_max_invalid_fraction: float = 0.0
+    """With eval_skip_invalid: fail if more than this fraction of the held-out records is rejected."""
     eval_offset: int = 0
     """Skip the first N held-out examples (e.g. the ones the RM and PPO stages read with their max_examples); a
     source's max_examples then counts the examples after the offset."""

@@ -533,6 +533,7 @@ def iter_examples(
         if fmt == "oasst":
             yield from _oasst_examples(all_records(), stats, reject, all_paths, max_examples, skip)
         else:
+            full = False  # max_examples reached: stop reading, then check the invalid fraction of what was read
             for rec in all_records():
                 stats.total += 1
                 try:
@@ -551,7 +552,10 @@ def iter_examples(
                     produced += 1
                     yield _with_meta(ex, rec, fmt)
                     if max_examples is not None and produced >= max_examples:
-                        return
+                        full = True
+                        break
+                if full:
+                    break
     finally:
         rejects.close()
     if skip_invalid and stats.total and stats.rejected / stats.total > max_invalid_fraction:
