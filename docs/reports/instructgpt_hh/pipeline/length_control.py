@@ -1,0 +1,44 @@
+"""How much of PPO's win over SFT is length? Reads this folder's results.json (the pipeline's per-prompt scores,
+lengths and end-of-turn flags for both policies) and prints the numbers quoted in ../README.md section 2.
+
+    python docs/reports/instructgpt_hh/pipeline/length_control.py
+"""
+import json
+import statistics as st
+from pathlib import Path
+
+
+def corr(x, y):
+    mx, my = st.mean(x), st.mean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return sxy / (sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y)) ** 0.5
+
+
+def win_rate(p, s, key, idx):
+    wins = sum(p[key][i] > s[key][i] for i in idx)
+    losses = sum(p[key][i] < s[key][i] for i in idx)
+    return (wins + (len(idx) - wins - losses) / 2) / len(idx), wins, losses, len(idx)
+
+
+def main():
+    pol = json.loads((Path(__file__).parent / "results.json").read_text())["policies"]
+    s, p = pol["sft"], pol["ppo"]
+    n = len(s["scores"])
+    for name, x in (("sft", s), ("ppo", p)):
+        print(f"{name}: corr(RM score, length) {corr(x['scores'], x['lengths']):.2f}, "
+              f"corr(judge score, length) {corr(x['judge_scores'], x['lengths']):.2f}")
+    shorter = sum((p["lengths"][i] < s["lengths"][i]) == (p["judge_scores"][i] > s["judge_scores"][i])
+                  for i in range(n))
+    print(f"the shorter response wins under the judge on {shorter} of {n} prompts")
+    both = [i for i in range(n) if s["ended"][i] and p["ended"][i]]
+    print("both ended their turn: judge win rate %.3f (%d wins, %d losses of %d)" % win_rate(p, s, "judge_scores", both))
+    print(f"  there, mean length SFT {st.mean(s['lengths'][i] for i in both):.1f} vs PPO "
+          f"{st.mean(p['lengths'][i] for i in both):.1f} tokens; PPO shorter on "
+          f"{sum(p['lengths'][i] < s['lengths'][i] for i in both)} of {len(both)}")
+    close = [i for i in range(n) if p["lengths"][i] >= 0.7 * s["lengths"][i]]
+    print("PPO at least 0.7x as long as SFT: judge win rate %.3f (%d wins, %d losses of %d)"
+          % win_rate(p, s, "judge_scores", close))
+
+
+if __name__ == "__main__":
+    main()
