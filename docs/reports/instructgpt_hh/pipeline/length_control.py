@@ -20,6 +20,24 @@ def win_rate(p, s, key, idx):
     return (wins + (len(idx) - wins - losses) / 2) / len(idx), wins, losses, len(idx)
 
 
+def ols_policy_effect(s, p):
+    """score = a + b length + c ended + d [PPO] by least squares over both policies' 2n responses (the pairing by
+    prompt is ignored): d is PPO's effect at equal length and end-of-turn, with its standard error."""
+    import numpy as np
+
+    n = len(s["scores"])
+    lengths = np.array(s["lengths"] + p["lengths"], dtype=float)
+    ended = np.array([float(e) for e in s["ended"] + p["ended"]])
+    x = np.column_stack([np.ones(2 * n), lengths, ended, np.r_[np.zeros(n), np.ones(n)]])
+    for key, name in (("scores", "pipeline RM"), ("judge_scores", "judge")):
+        y = np.array(s[key] + p[key])
+        beta = np.linalg.lstsq(x, y, rcond=None)[0]
+        resid = y - x @ beta
+        se = np.sqrt(np.diag(resid @ resid / (2 * n - 4) * np.linalg.inv(x.T @ x)))
+        print(f"{name}: score = {beta[0]:.2f} {beta[1]:+.3f} x length {beta[2]:+.2f} x ended "
+              f"{beta[3]:+.2f} (se {se[3]:.2f}) x PPO")
+
+
 def main():
     pol = json.loads((Path(__file__).parent / "results.json").read_text())["policies"]
     s, p = pol["sft"], pol["ppo"]
@@ -36,6 +54,7 @@ def main():
           f"{st.mean(p['lengths'][i] for i in both):.1f} tokens; PPO shorter on "
           f"{sum(p['lengths'][i] < s['lengths'][i] for i in both)} of {len(both)}")
     close = [i for i in range(n) if p["lengths"][i] >= 0.7 * s["lengths"][i]]
+    ols_policy_effect(s, p)
     print("PPO at least 0.7x as long as SFT: judge win rate %.3f (%d wins, %d losses of %d)"
           % win_rate(p, s, "judge_scores", close))
 
