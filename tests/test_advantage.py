@@ -12,6 +12,7 @@ from instructkit.rl.advantage import (
     kl_estimate,
     kl_penalized_rewards,
     last_token_index,
+    length_adjusted_scores,
     masked_whiten,
     penalize_missing_eos,
 )
@@ -162,3 +163,14 @@ def test_masked_whiten_over_two_processes_equals_one_batch():
         torch.testing.assert_close(torch.cat(out), expected, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(torch.cat(out), masked_whiten(x, mask, shift_mean=shift, eps=0.0))
         assert (torch.cat(out)[mask == 0] == 0).all()
+
+
+def test_length_adjusted_scores():
+    scores = torch.tensor([1.0, 2.0, -1.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])  # 3, 1, 4 response tokens
+    assert length_adjusted_scores(scores, mask, 0.25).tolist() == [1.75, 2.25, 0.0]
+    assert length_adjusted_scores(scores, mask, -0.5).tolist() == [-0.5, 1.5, -3.0]
+    assert length_adjusted_scores(scores, mask, 0.0) is scores
+    # before the missing-EOS penalty, which replaces the whole score of an unfinished response
+    ended = torch.tensor([True, True, False])
+    assert penalize_missing_eos(length_adjusted_scores(scores, mask, 0.25), ended, -1.0).tolist() == [1.75, 2.25, -1.0]

@@ -136,6 +136,15 @@ def test_ppo_resume_equals_uninterrupted(prompts, tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_length_reward_enters_the_score(prompts, tmp_path):
+    """length_reward: each rollout's score is the rule reward plus coef per response token (the logged means)."""
+    m = ppo(prompts, tmp_path, "len", "train.max_steps=2", "length_reward=0.5")
+    for r in m:
+        assert r["score_penalized"] == pytest.approx(r["score"] + 0.5 * r["response_length"], abs=1e-5)
+    plain = ppo(prompts, tmp_path, "plain", "train.max_steps=1")
+    assert plain[0]["score_penalized"] == pytest.approx(plain[0]["score"], abs=1e-6)
+
+
 def test_tiny_config_as_shipped(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(CONFIG).parents[1])
     assert cli(["ppo", "--config", CONFIG, f"train.output_dir={tmp_path}", "train.max_steps=2"]) == 0

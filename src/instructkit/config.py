@@ -638,6 +638,10 @@ class PPOConfig:
     """Scale per-token rewards to unit variance per batch (Ziegler et al. 2019)."""
     missing_eos_penalty: float | None = None
     """Score given to responses without an end-of-turn token (None: score them like any other)."""
+    length_reward: float = 0.0
+    """Added to each response's score per response token, before the missing-EOS penalty (which replaces the whole
+    score): negative = a length penalty against a reward model that favours long answers; positive offsets one that
+    favours short answers. 0: the score as the reward model gives it."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight gamma of the SFT (pretraining-mix) loss added to each optimizer step (InstructGPT)."""
     ptx_data: list[DataSource] = field(default_factory=list)

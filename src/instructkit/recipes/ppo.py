@@ -42,7 +42,8 @@ from instructkit.models.value_head import (ActorCritic, ValueHead, disable_dropo
                                            load_reward_model, load_sequence_classifier, reference_logprobs,
                                            response_logits, sequence_scores)
 from instructkit.rl.advantage import (AdaptiveKLController, FixedKLController, gae, kl_estimate,
-                                      kl_penalized_rewards, masked_whiten, penalize_missing_eos)
+                                      kl_penalized_rewards, length_adjusted_scores, masked_whiten,
+                                      penalize_missing_eos)
 from instructkit.rl.rollout import Trajectory, encode_prompts, load_reward_function, make_rollout_batch
 from instructkit.training import sharding
 
@@ -242,7 +243,8 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
             old_logp = gather_logprobs(logits, ids[:, p:p + r]) * mask
             values = values * mask
             raw_scores = scores_of(cfg, rm, rm_norm, reward_fn, rows, outputs, batch)
-            scores = penalize_missing_eos(raw_scores, ended, cfg.missing_eos_penalty)
+            scores = penalize_missing_eos(length_adjusted_scores(raw_scores, mask, cfg.length_reward), ended,
+                                          cfg.missing_eos_penalty)
             rewards, _ = kl_penalized_rewards(old_logp, ref_logp, mask, scores, kl_ctl.value, cfg.kl_estimator)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce_sum=reduce)

@@ -56,6 +56,17 @@ def penalize_missing_eos(scores: torch.Tensor, ended: torch.Tensor, penalty: flo
     return torch.where(ended.bool(), scores, torch.full_like(scores, float(penalty)))
 
 
+def length_adjusted_scores(scores: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
+    """s_i + coef * |y_i|: the score plus ``coef`` per response token (|y_i| = mask row sum).
+
+    A negative coef is the length penalty of Singhal et al. 2023 ("A Long Way to Go: Investigating Length Correlations
+    in RLHF"), against reward models that favour long answers; a positive one offsets a reward model that favours
+    short ones (HH-RLHF harmless). Shapes: scores (B,), mask (B, R) -> (B,)."""
+    if not coef:
+        return scores
+    return scores + coef * mask.sum(-1).to(scores.dtype)
+
+
 def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
                          scores: torch.Tensor, beta: float, kl_kind: str = "k1"
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
