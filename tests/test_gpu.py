@@ -263,21 +263,52 @@ def test_ppo_step_with_generated_rollouts(tiny_model_dir):
         assert not torch.allclose(logps(), old)
 
 
-def test_grpo_step():
-    from instructkit import losses
+def test_grpo_step(tiny_model_dir):
+    """A GRPO update on the GPU: 2 prompts x 4 sampled responses, group-relative advantages from rule rewards, the
+    clipped surrogate with the k3 KL to the reference (the LoRA base) in bf16: ratio 1 and KL 0 before the update,
+    and the step raises the log-probability of the responses with positive advantage."""
+    from instructkit.config import LoRAConfig, ModelConfig
+    from instructkit.generation.engine import Engine, SamplingParams
+    from instructkit.losses import clipped_policy_loss
+    from instructkit.models.load import load_model_and_tokenizer
+    from instructkit.models.value_head import response_logprobs
+    from instructkit.rl.advantage import group_advantages
+    from instructkit.rl.rollout import prompt_response_batch
 
-    fn = getattr(losses, "grpo_loss", None)
-    if fn is None:
-        pytest.skip("losses.grpo_loss lands with the RL issue (16)")
-    from instructkit.rl import advantage
+    p = _precision()
+    model, tok = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir)),
+                                          LoRAConfig(enabled=True, r=8, alpha=16, dropout=0.0), precision=p)
+    prompts = [tok.encode(t) for t in ("Give three tips", "Write a poem")]
+    rows = [q for q in prompts for _ in range(4)]
+    model.eval()
+    outs = Engine(model, tok).generate(rows, SamplingParams(max_new_tokens=10, temperature=1.0, seed=0,
+                                                            stop_token_ids=[]))
+    model.train()
+    batch = _to(prompt_response_batch(rows, [o.token_ids for o in outs], tok.pad_token_id), CUDA)
+    mask = batch["response_mask"].float()
 
-    group_adv = getattr(advantage, "group_advantages", None)
-    if group_adv is None:
-        pytest.skip("rl.advantage.group_advantages lands with the RL issue (16)")
-    # group-relative advantages on the GPU: 2 prompts x 4 samples
+    def logps():
+        with p.autocast():
+            return response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_width"],
+                                     batch["response_width"]).float()
+
+    with torch.no_grad():
+        old = logps()
+        with model.disable_adapter():
+            ref = logps()
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 1.0, 0.0]], device=CUDA)
-    adv = group_adv(rewards)
-    assert adv.device.type == CUDA.type and torch.isfinite(adv).all()
+    adv = group_advantages(rewards).reshape(-1)  # (8,)
+    assert adv.device.type == CUDA.type and torch.allclose(adv.view(2, 4).sum(1), torch.zeros(2, device=CUDA),
+                                                           atol=1e-5)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-2)
+    loss, metrics = clipped_policy_loss(logps(), old, adv, mask, ref_logprobs=ref, kl_coef=0.04)
+    assert torch.isfinite(loss) and abs(metrics["ratio"].item() - 1.0) < 1e-2
+    assert abs(metrics["kl"].item()) < 1e-2  # LoRA B starts at 0: the policy is its reference
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        gain = ((logps() - old) * mask).sum(1)  # (8,) change of each response's log-probability
+    assert (gain[adv > 0].mean() > gain[adv < 0].mean()).item()
 
 
 def test_export_of_a_bf16_trained_model(tiny_model_dir, tmp_path):
