@@ -1,10 +1,11 @@
 """How much of PPO's win over SFT is length? Reads this folder's results.json (the pipeline's per-prompt scores,
 lengths and end-of-turn flags for both policies) and prints the numbers quoted in ../README.md section 2.
 
-    python docs/reports/instructgpt_hh/pipeline/length_control.py
+    python docs/reports/instructgpt_hh/pipeline/length_control.py [docs/reports/instructgpt_hh/pipeline_length]
 """
 import json
 import statistics as st
+import sys
 from pathlib import Path
 
 
@@ -39,7 +40,8 @@ def ols_policy_effect(s, p):
 
 
 def main():
-    pol = json.loads((Path(__file__).parent / "results.json").read_text())["policies"]
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent  # pipeline/ or pipeline_length/
+    pol = json.loads((folder / "results.json").read_text())["policies"]
     s, p = pol["sft"], pol["ppo"]
     n = len(s["scores"])
     for name, x in (("sft", s), ("ppo", p)):
