@@ -455,7 +455,7 @@ class RewardModelConfig:
     """How many training responses the normalisation statistics are measured on: whole groups (a pair's two
     responses, a ranking's K) in a seeded random order until at least this many; null = every training response.
     The mean's error is std / sqrt(n) (about 0.03 std at 1,024); scoring every response again costs a forward pass
-    over the whole training set (on a CPU core, 1,760 HH-RLHF responses took about 30 minutes)."""
+    over the whole training set (on one CPU core, 1,758 HH-RLHF responses took 30-40 minutes)."""
 
     def __post_init__(self) -> None:
         if self.train.micro_batch_size < 1 or self.train.grad_accum < 1:
