@@ -517,6 +517,13 @@ def test_real_models_step_bit_identical_and_greedy_identical(name):
     path = resolve_model(name)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # transformers 5 can leave loaded weights at addresses that are not 64-byte aligned (safetensors offsets), and
+    # MKL's one-row product (gemv) rounds differently on an unaligned matrix than on an aligned copy of it (1e-8 here,
+    # ~1e-5 in the logits): the decoder's fused copies are aligned. Aligned model weights make the comparison one of
+    # arithmetic, not of where the loader put the bytes.
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.data = prm.data.clone()
     assert unsupported_reason(model) is None
     eng = Engine(model, tok)
     texts = ["What is the capital of France?", "Give three tips for staying healthy.", "Hi",

@@ -10,7 +10,10 @@ This module runs the same arithmetic with the model's own weight tensors:
 - the key/value cache is a preallocated buffer per layer, ``(batch, kv_heads, prompt + max_new_tokens, head_dim)``,
   written in place (no per-step ``torch.cat``, no O(n^2) copying), read through a slice;
 - q/k/v are one matmul and gate/up one matmul, against fused weights built once from the model's tensors (bit-identical
-  to the separate matmuls: each output element is the same dot product; checked by the tests). The fused copies cost
+  to the separate matmuls: each output element is the same dot product; checked by the tests; with one row, MKL's
+  product rounds differently when a weight is not 64-byte aligned, as transformers 5 can leave loaded weights, so
+  there the step's logits can differ from the forward's by ~1e-5 while the copies, always aligned, agree with an
+  aligned model bit for bit). The fused copies cost
   memory (~2/3 of the transformer body) and are rebuilt when any source weight changes, so an optimiser step between
   two ``generate`` calls (PPO rollouts) is picked up without the trainer knowing this cache exists. Three checks, each
   for a way weights change: the tensor's address and version counter (a replaced tensor, any in-place op); a hook
