@@ -225,12 +225,11 @@ def test_dpo_step_bf16(tiny_model_dir):
     assert losses[-1] < losses[0]
 
 
-def test_ppo_step_with_generated_rollouts(tiny_model_dir):
-    """Rollouts sampled on the GPU, their log-probs recomputed in bf16: the PPO ratio is 1 before the update (within
-    bf16 noise), the clipped loss is finite and a step changes the policy."""
+def _lora_rollouts(tiny_model_dir, texts, max_new_tokens: int):
+    """A LoRA policy in the test precision, one sampled response per prompt text (seed 0, no stop tokens), the
+    prompt/response batch on the device, and ``logps()``: the responses' log-probs under the policy now, (B, R) fp32."""
     from instructkit.config import LoRAConfig, ModelConfig
     from instructkit.generation.engine import Engine, SamplingParams
-    from instructkit.losses import ppo_policy_loss
     from instructkit.models.load import load_model_and_tokenizer
     from instructkit.models.value_head import response_logprobs
     from instructkit.rl.rollout import prompt_response_batch
@@ -238,9 +237,9 @@ def test_ppo_step_with_generated_rollouts(tiny_model_dir):
     p = _precision()
     model, tok = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir)),
                                           LoRAConfig(enabled=True, r=8, alpha=16, dropout=0.0), precision=p)
-    prompts = [tok.encode(t) for t in ("Give three tips", "What is", "Hello there", "Write a poem")]
+    prompts = [tok.encode(t) for t in texts]
     model.eval()
-    outs = Engine(model, tok).generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=0,
+    outs = Engine(model, tok).generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=0,
                                                                stop_token_ids=[]))
     model.train()
     batch = _to(prompt_response_batch(prompts, [o.token_ids for o in outs], tok.pad_token_id), CUDA)
@@ -250,6 +249,16 @@ def test_ppo_step_with_generated_rollouts(tiny_model_dir):
             return response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_width"],
                                      batch["response_width"]).float()
 
+    return model, batch, logps
+
+
+def test_ppo_step_with_generated_rollouts(tiny_model_dir):
+    """Rollouts sampled on the GPU, their log-probs recomputed in bf16: the PPO ratio is 1 before the update (within
+    bf16 noise), the clipped loss is finite and a step changes the policy."""
+    from instructkit.losses import ppo_policy_loss
+
+    model, batch, logps = _lora_rollouts(tiny_model_dir, ("Give three tips", "What is", "Hello there", "Write a poem"),
+                                         max_new_tokens=12)
     with torch.no_grad():
         old = logps()
     rewards = torch.tensor([1.0, -1.0, 0.5, -0.5], device=CUDA)
@@ -267,31 +276,12 @@ def test_grpo_step(tiny_model_dir):
     """A GRPO update on the GPU: 2 prompts x 4 sampled responses, group-relative advantages from rule rewards, the
     clipped surrogate with the k3 KL to the reference (the LoRA base) in bf16: ratio 1 and KL 0 before the update,
     and the step raises the log-probability of the responses with positive advantage."""
-    from instructkit.config import LoRAConfig, ModelConfig
-    from instructkit.generation.engine import Engine, SamplingParams
     from instructkit.losses import clipped_policy_loss
-    from instructkit.models.load import load_model_and_tokenizer
-    from instructkit.models.value_head import response_logprobs
     from instructkit.rl.advantage import group_advantages
-    from instructkit.rl.rollout import prompt_response_batch
 
-    p = _precision()
-    model, tok = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir)),
-                                          LoRAConfig(enabled=True, r=8, alpha=16, dropout=0.0), precision=p)
-    prompts = [tok.encode(t) for t in ("Give three tips", "Write a poem")]
-    rows = [q for q in prompts for _ in range(4)]
-    model.eval()
-    outs = Engine(model, tok).generate(rows, SamplingParams(max_new_tokens=10, temperature=1.0, seed=0,
-                                                            stop_token_ids=[]))
-    model.train()
-    batch = _to(prompt_response_batch(rows, [o.token_ids for o in outs], tok.pad_token_id), CUDA)
+    rows = [t for t in ("Give three tips", "Write a poem") for _ in range(4)]  # 2 prompts x a group of 4
+    model, batch, logps = _lora_rollouts(tiny_model_dir, rows, max_new_tokens=10)
     mask = batch["response_mask"].float()
-
-    def logps():
-        with p.autocast():
-            return response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_width"],
-                                     batch["response_width"]).float()
-
     with torch.no_grad():
         old = logps()
         with model.disable_adapter():

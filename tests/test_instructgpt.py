@@ -271,7 +271,7 @@ def test_held_out_prompts_skip_invalid_records_only_when_asked(tmp_path):
     eval_skip_invalid, which writes it with its reason to <run>/eval_prompts/ and keeps counting valid examples."""
     import json
 
-    from instructkit.config import ConfigError, DataSource, InstructGPTConfig
+    from instructkit.config import DataSource, InstructGPTConfig
     from instructkit.data.schema import DataError
     from instructkit.recipes.instructgpt import load_heldout_prompts
 
@@ -288,6 +288,9 @@ def test_held_out_prompts_skip_invalid_records_only_when_asked(tmp_path):
     assert prompts == [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]  # valid 1-2
     rejects = (tmp_path / "run" / "eval_prompts" / "rejects_0.jsonl").read_text().splitlines()
     assert len(rejects) == 1 and json.loads(rejects[0])["line"] == 2
+    offset = dataclasses.replace(lenient, eval_offset=1)  # one more valid example passed over: valid 2-3
+    assert load_heldout_prompts(offset, tmp_path / "run3", None) == [[{"role": "user", "content": "q2"}],
+                                                                      [{"role": "user", "content": "q3"}]]
     tight = dataclasses.replace(lenient, eval_max_invalid_fraction=0.0)
-    with pytest.raises((DataError, ConfigError)):
+    with pytest.raises(DataError, match=r"1 of 4 records rejected \(25.0%\), above max_invalid_fraction=0.0"):
         load_heldout_prompts(tight, tmp_path / "run2", None)

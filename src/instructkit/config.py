@@ -1200,8 +1200,8 @@ class InstructGPTConfig:
     eval_max_invalid_fraction: float = 0.0
     """With eval_skip_invalid: fail if more than this fraction of the held-out records is rejected."""
     eval_offset: int = 0
-    """Skip the first N held-out examples (e.g. the ones the RM and PPO stages read with their max_examples); a
-    source's max_examples then counts the examples after the offset."""
+    """Skip the first N held-out examples of each eval_prompts source (e.g. the ones the RM and PPO stages read with
+    their max_examples): added to the source's `skip`, so its max_examples counts the examples after the offset."""
     eval_max_prompts: int = 32
     """Held-out prompts compared (0: all)."""
     eval_max_new_tokens: int = 64

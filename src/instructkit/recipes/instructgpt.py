@@ -150,18 +150,17 @@ def load_heldout_prompts(cfg: InstructGPTConfig, run_dir: Path, synthetic_heldou
     from instructkit.data.sources import prompt_messages_of, read_sources
 
     sources = [DataSource(path=str(synthetic_heldout))] if synthetic_heldout else cfg.eval_prompts
-    if synthetic_heldout is None and cfg.eval_offset:  # read the offset too, then drop it
-        sources = [dataclasses.replace(s, max_examples=None if s.max_examples is None else
-                                       s.max_examples + cfg.eval_offset) for s in sources]
+    if synthetic_heldout is None and cfg.eval_offset:  # each source's slice starts eval_offset examples later
+        sources = [dataclasses.replace(s, skip=s.skip + cfg.eval_offset) for s in sources]
     eval_dir = run_dir / "eval_prompts"  # rejects_<i>.jsonl of skipped records
     eval_dir.mkdir(parents=True, exist_ok=True)
     data_cfg = DataConfig(skip_invalid=cfg.eval_skip_invalid, max_invalid_fraction=cfg.eval_max_invalid_fraction)
     examples, stats = read_sources(data_cfg, sources, eval_dir)
-    rejected = sum(v.get("rejected", 0) if isinstance(v, dict) else 0 for v in stats.values())
+    rejected = sum(v["rejected"] for v in stats.values())
     if rejected:
         log.warning("held-out prompts: %d invalid records skipped (reasons in %s)", rejected, eval_dir)
     prompts = [[{"role": m.role, "content": m.content} for m in prompt_messages_of(ex)] for ex in examples]
-    prompts = [p for p in prompts if p][0 if synthetic_heldout else cfg.eval_offset:]
+    prompts = [p for p in prompts if p]
     if cfg.eval_max_prompts:
         prompts = prompts[: cfg.eval_max_prompts]
     if not prompts:
